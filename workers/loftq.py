@@ -191,7 +191,8 @@ def loftq_init(
         elif svd == "exact":
             u, s, vh = exact_svd(target, rank)
         else:
-            u, s, vh = randomized_svd(target, rank, start=start, generator=gen)
+            # a cold start needs more power iterations on the flat spectrum of a quantization residual
+            u, s, vh = randomized_svd(target, rank, power_iters=4 if start is None else 2, start=start, generator=gen)
             start = vh.T
         # The correction is an orthogonal projection of the residual (onto rank-r, group-constant
         # matrices), so ||R - correction||^2 = ||R||^2 - sum(s^2) exactly, without forming it.
