@@ -1,0 +1,278 @@
+"""Build a model's quantized base once, spreading per-matrix LoftQ over Ray actors, into the shared cache.
+
+    request -> key -> cache hit? done : lock -> plan the matrices -> actors (largest first) -> shards -> manifest
+
+The driver streams one full-precision matrix at a time from the model files into the object store, at
+most two per actor in flight, and writes each shard of results as soon as all its matrices are back, so
+memory stays near the quantized model plus a few matrices. Shard membership follows the (deterministic)
+schedule, and every matrix has its own seed, so an entry is byte-identical however the work was spread or
+retried. Actors that die are restarted by Ray and their matrix is redone (max_restarts / max_task_retries).
+"""
+
+from __future__ import annotations
+
+import re
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+
+import ray
+import torch
+from tqdm import tqdm
+
+from orchestrator.cache import BaseCache, BaseCacheKey
+from workers.matrix_worker import MatrixJob, MatrixResult, MatrixWorker
+from workers.model_source import ModelSource
+from workers.quant import packed_nbytes
+from workers.quant_plan import QuantPlan
+
+METHODS = ("loftq", "qlora", "qalora")
+SHARD_BYTES = 1 << 30
+REST_FILE = "rest.safetensors"
+
+
+class BuildInputError(ValueError):
+    """The request cannot be built as asked (raised before any work starts)."""
+
+
+@dataclass(frozen=True)
+class BuildRequest:
+    """One quantized base: a model, a quantization plan, the method, and the LoftQ rank and iterations."""
+
+    source: ModelSource
+    plan: QuantPlan
+    method: str = "loftq"
+    rank: int = 16
+    iters: int = 1
+    targets: tuple[str, ...] = ("all-linear",)
+    seed: int = 0
+
+    def key(self) -> BaseCacheKey:
+        iters = 0 if self.method == "qlora" else self.iters
+        return BaseCacheKey(model=self.source.name, fingerprint=self.source.fingerprint, quant=self.plan.to_dict(),
+                            quant_label=self.plan.label, method=self.method, iters=iters, rank=self.rank,
+                            targets=tuple(sorted(self.targets)))
+
+    @property
+    def stores_factors(self) -> bool:
+        return self.method != "qlora" and self.iters > 0 and self.rank > 0
+
+
+@dataclass
+class BuildResult:
+    name: str
+    uri: str
+    built: bool  # False on a cache hit
+    seconds: float
+    manifest: dict = field(repr=False, default_factory=dict)
+
+
+def factor_file(rank: int) -> str:
+    return f"lora-r{rank}.safetensors"
+
+
+def connect(address: str | None = None, num_cpus: int | None = None) -> None:
+    """Join a Ray cluster at `address`, or start the embedded local one; a no-op when already connected."""
+    if ray.is_initialized():
+        return
+    if address:
+        ray.init(address=address, log_to_driver=False)
+    else:
+        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+
+
+def plan_jobs(request: BuildRequest) -> tuple[list[MatrixJob], dict[str, tuple]]:
+    """The per-matrix jobs, largest first; every problem with the request raised at once, before any work."""
+    if request.method not in METHODS:
+        raise BuildInputError(f"method: expected one of {list(METHODS)}, got {request.method!r}")
+    modules = request.source.select_targets(request.targets)
+    if not modules:
+        raise BuildInputError(f"targets: {list(request.targets)} match no linear layer of {request.source.name}")
+    shapes = {m: request.source.tensors[m + ".weight"].shape for m in modules}
+    problems = request.plan.problems(shapes)
+    if request.method == "qalora" and request.plan.base.kind != "int":
+        problems.append(f"quantization.kind: method 'qalora' needs kind 'int', got {request.plan.base.kind!r}")
+    if problems:
+        raise BuildInputError("cannot build this base:\n  " + "\n  ".join(problems))
+    iters = 0 if request.method == "qlora" else request.iters
+    jobs = [MatrixJob(m, request.plan.spec_for(m), request.rank, iters, request.method, request.seed)
+            for m in modules]
+    jobs.sort(key=lambda j: (-shapes[j.module][0] * shapes[j.module][1], j.module))
+    return jobs, shapes
+
+
+def ensure_base(
+    request: BuildRequest,
+    cache: BaseCache,
+    *,
+    actors: int | None = None,
+    threads_per_actor: int = 1,
+    progress: bool = True,
+    on_progress: Callable[[int, int], None] | None = None,
+    shard_bytes: int = SHARD_BYTES,
+) -> BuildResult:
+    """Return the cached base for `request`, building it (or its LoRA factors for a new rank) if missing."""
+    start = time.perf_counter()
+    key = request.key()
+    manifest = cache.lookup(key)
+    if manifest is not None and _has_factors(manifest, request):
+        return BuildResult(key.name, cache.uri, False, time.perf_counter() - start, manifest)
+    jobs, shapes = plan_jobs(request)
+    with cache.lock(key):
+        manifest = cache.lookup(key)  # another builder may have finished while we waited
+        if manifest is not None and _has_factors(manifest, request):
+            return BuildResult(key.name, cache.uri, False, time.perf_counter() - start, manifest)
+        if manifest is not None:  # a rank-independent base exists: only the factors for this rank are missing
+            jobs = [replace(j, want_base=False) for j in jobs]
+        pool = _start_actors(actors, threads_per_actor, len(jobs))
+        bar = tqdm(total=len(jobs), desc=f"quantize {key.name}", unit="matrix", disable=not progress,
+                   file=sys.stderr)
+        try:
+            if manifest is None:
+                manifest = _build_entry(request, key, cache, jobs, shapes, pool, bar, on_progress, shard_bytes)
+            else:
+                manifest = _build_factors(request, key, cache, jobs, pool, bar, on_progress)
+        finally:
+            bar.close()
+            for actor in pool:
+                ray.kill(actor)
+    return BuildResult(key.name, cache.uri, True, time.perf_counter() - start, manifest)
+
+
+def _has_factors(manifest: dict, request: BuildRequest) -> bool:
+    return not request.stores_factors or request.rank in manifest.get("factor_ranks", [])
+
+
+def _start_actors(actors: int | None, threads: int, n_jobs: int) -> list:
+    resources = ray.cluster_resources()
+    gpus = int(resources.get("GPU", 0))
+    if actors is None:
+        actors = gpus or max(1, int(resources.get("CPU", 1)) // threads)
+    actors = max(1, min(actors, n_jobs))
+    options = dict(num_cpus=threads, num_gpus=1 if gpus else 0, max_restarts=3, max_task_retries=3)
+    worker = ray.remote(MatrixWorker)
+    return [worker.options(**options).remote(threads) for _ in range(actors)]
+
+
+def _run_jobs(source: ModelSource, jobs: list[MatrixJob], pool: list, bar, on_progress):
+    """Yield results as they come back, keeping at most two matrices in flight per actor."""
+    queue = list(reversed(jobs))
+    in_flight: dict[ray.ObjectRef, int] = {}
+
+    def submit(actor_index: int) -> None:
+        job = queue.pop()
+        weight = ray.put(source.read(job.module + ".weight"))
+        in_flight[pool[actor_index].quantize.remote(job, weight)] = actor_index
+
+    for i in range(min(len(jobs), 2 * len(pool))):
+        submit(i % len(pool))
+    done = 0
+    while in_flight:
+        ready, _ = ray.wait(list(in_flight), num_returns=1)
+        actor_index = in_flight.pop(ready[0])
+        result: MatrixResult = ray.get(ready[0])
+        if queue:
+            submit(actor_index)
+        done += 1
+        bar.update(1)
+        if on_progress:
+            on_progress(done, len(jobs))
+        yield result
+
+
+def _shard_plan(jobs: list[MatrixJob], shapes: dict, shard_bytes: int) -> dict[str, int]:
+    """Shard index of each module's quantized weight, fixed by the schedule order (not by completion order)."""
+    shard, size, out = 0, 0, {}
+    for job in jobs:
+        nbytes = packed_nbytes(shapes[job.module][0] * shapes[job.module][1], job.spec.bits)
+        if size and size + nbytes > shard_bytes:
+            shard, size = shard + 1, 0
+        out[job.module] = shard
+        size += nbytes
+    return out
+
+
+def _build_entry(request, key, cache, jobs, shapes, pool, bar, on_progress, shard_bytes) -> dict:
+    build_start = time.perf_counter()
+    shard_of = _shard_plan(jobs, shapes, shard_bytes)
+    remaining = {s: list(shard_of.values()).count(s) for s in set(shard_of.values())}
+    buffers: dict[int, dict[str, torch.Tensor]] = {s: {} for s in remaining}
+    factors: dict[str, torch.Tensor] = {}
+    matrices: dict[str, dict] = {}
+    with cache.writer(key) as writer:
+        for result in _run_jobs(request.source, jobs, pool, bar, on_progress):
+            shard = shard_of[result.module]
+            for name, tensor in result.tensors.items():
+                (factors if name.endswith((".lora_A", ".lora_B")) else buffers[shard])[name] = tensor
+            matrices[result.module] = _matrix_record(result, shapes, request)
+            remaining[shard] -= 1
+            if remaining[shard] == 0:
+                writer.add_file(f"base-{shard:05d}.safetensors", buffers.pop(shard))
+        quantized = {m + ".weight" for m in shard_of}
+        rest = {name: request.source.read(name) for name in request.source.tensors if name not in quantized}
+        writer.add_file(REST_FILE, rest)
+        if factors:
+            writer.add_file(factor_file(request.rank), factors)
+        return writer.commit(_manifest_extra(request, matrices, time.perf_counter() - build_start, bool(factors)))
+
+
+def _build_factors(request, key, cache, jobs, pool, bar, on_progress) -> dict:
+    """Add LoftQ factors for another rank to a rank-independent (iters <= 1) base."""
+    factors: dict[str, torch.Tensor] = {}
+    for result in _run_jobs(request.source, jobs, pool, bar, on_progress):
+        factors.update({k: v for k, v in result.tensors.items() if k.endswith((".lora_A", ".lora_B"))})
+    existing = cache.lookup(key)
+    update = {"factor_ranks": sorted({*existing.get("factor_ranks", []), request.rank})}
+    return cache.add_files(key.name, {factor_file(request.rank): factors}, update)
+
+
+def _matrix_record(result: MatrixResult, shapes: dict, request: BuildRequest) -> dict:
+    spec = request.plan.spec_for(result.module)
+    return {"shape": list(shapes[result.module]), "quant": spec.name, "quant_error": result.quant_error,
+            "errors": result.errors, "seconds": round(result.seconds, 4), "device": result.device}
+
+
+def _manifest_extra(request: BuildRequest, matrices: dict, seconds: float, has_factors: bool) -> dict:
+    import safetensors
+    import transformers
+
+    import workers
+
+    return {
+        "model": {"name": request.source.name, "path": request.source.path, "config": request.source.config},
+        "method": request.method, "rank": request.rank, "iters": request.iters, "seed": request.seed,
+        "factor_ranks": [request.rank] if has_factors else [],
+        "targets": sorted(matrices), "matrices": matrices, "build_seconds": round(seconds, 3),
+        "versions": {"loftune": getattr(workers, "__version__", "0.1.0"), "torch": torch.__version__,
+                     "ray": ray.__version__, "transformers": transformers.__version__,
+                     "safetensors": safetensors.__version__},
+    }
+
+
+def load_entry_tensors(cache: BaseCache, name: str, rank: int | None = None) -> dict[str, torch.Tensor]:
+    """Every tensor of an entry a model needs: base shards, the rest, and the factors for `rank` if any."""
+    manifest = cache.show(name)
+    tensors: dict[str, torch.Tensor] = {}
+    wanted_factor = factor_file(rank) if rank else None
+    for file in manifest["files"]:
+        base = file.rsplit("/", 1)[-1]
+        if base.startswith("lora-r") and base != wanted_factor:
+            continue
+        tensors.update(cache.read_file(name, file))
+    return tensors
+
+
+def error_table(manifest: dict) -> str:
+    """Per layer type (layer index folded to '*'): matrices, mean plain-quantization and final LoftQ error."""
+    groups: dict[str, list[dict]] = {}
+    for module, rec in manifest.get("matrices", {}).items():
+        groups.setdefault(re.sub(r"\.\d+\.", ".*.", module), []).append(rec)
+    width = max((len(k) for k in groups), default=10)
+    lines = [f"{'layer':<{width}} {'n':>3} {'quant':>9} {'qlora_err':>9} {'final_err':>9} {'ratio':>6}"]
+    for layer, recs in sorted(groups.items()):
+        q = statistics.fmean(r["quant_error"] for r in recs)
+        f = statistics.fmean(min(r["errors"]) if r["errors"] else r["quant_error"] for r in recs)
+        lines.append(f"{layer:<{width}} {len(recs):>3} {recs[0]['quant']:>9} {q:9.5f} {f:9.5f} {f / q:6.3f}")
+    return "\n".join(lines)

@@ -1,0 +1,77 @@
+"""What one build actor does: LoftQ-quantize the matrices it is handed, on its GPU if it has one.
+
+The orchestrator wraps `MatrixWorker` in `ray.remote`; nothing here knows about Ray. Results are plain
+tensors named as they are stored in a cache entry:
+
+    <module>.qweight.codes / .scales / .zeros / .qmeta     the quantized base (QuantizedTensor.state_dict)
+    <module>.lora_A, <module>.lora_B                       LoftQ factors at LoRA scale 1
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from workers.loftq import loftq_init
+from workers.quant import QuantSpec
+
+METHOD_ADAPTER = {"loftq": "lora", "qlora": "lora", "qalora": "qalora"}
+
+
+@dataclass(frozen=True)
+class MatrixJob:
+    module: str
+    spec: QuantSpec
+    rank: int
+    iters: int
+    method: str = "loftq"
+    seed: int = 0
+    want_base: bool = True  # False: only the LoRA factors (another rank for a rank-independent base)
+
+    @property
+    def matrix_seed(self) -> int:
+        """A seed of this matrix alone, so results do not depend on which actor ran it or when."""
+        return int(hashlib.sha256(f"{self.seed}:{self.module}".encode()).hexdigest()[:8], 16)
+
+
+@dataclass
+class MatrixResult:
+    module: str
+    tensors: dict[str, torch.Tensor]
+    quant_error: float
+    errors: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+    device: str = "cpu"
+
+
+def qweight_names(module: str) -> list[str]:
+    return [f"{module}.qweight.{part}" for part in ("codes", "scales", "zeros", "qmeta")]
+
+
+class MatrixWorker:
+    """Runs LoftQ for one matrix at a time; pins its torch thread count so actors do not fight over cores."""
+
+    def __init__(self, num_threads: int = 1):
+        torch.set_num_threads(max(1, num_threads))
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    def info(self) -> dict:
+        return {"pid": os.getpid(), "device": str(self.device), "threads": torch.get_num_threads()}
+
+    def quantize(self, job: MatrixJob, weight: torch.Tensor) -> MatrixResult:
+        start = time.perf_counter()
+        res = loftq_init(weight.to(self.device), job.spec, job.rank, job.iters, scale=1.0,
+                         adapter=METHOD_ADAPTER[job.method], seed=job.matrix_seed)
+        tensors: dict[str, torch.Tensor] = {}
+        if job.want_base:
+            for part, tensor in res.quantized.state_dict().items():
+                tensors[f"{job.module}.qweight.{part}"] = tensor.cpu().contiguous()
+        if job.iters > 0:  # QLoRA (iters 0) starts from random A and B = 0: nothing to store
+            tensors[f"{job.module}.lora_A"] = res.lora_A.cpu().contiguous()
+            tensors[f"{job.module}.lora_B"] = res.lora_B.cpu().contiguous()
+        return MatrixResult(job.module, tensors, res.quant_error, res.errors, time.perf_counter() - start,
+                            str(self.device))

@@ -1,0 +1,80 @@
+"""The quantized linear layer with a LoRA (or QA-LoRA) adapter.
+
+The frozen base is kept packed (uint8 codes + scales + zero points, registered as buffers so that
+DeepSpeed ZeRO-3 never partitions them) and dequantized on the fly in `forward`. The adapter is
+
+    lora:    y = W~ x + b + s * B @ A @ dropout(x)                 A: [r, in]
+    qalora:  y = W~ x + b + s * B @ A @ pool_L(dropout(x))          A: [r, in / L]
+
+where pool_L averages x over the quantization groups of L inputs, s = alpha / r.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from workers.quant import QuantizedTensor, QuantSpec, dequantize
+
+
+class QuantLoraLinear(nn.Module):
+    """A frozen quantized [out, in] weight plus a trainable low-rank adapter."""
+
+    def __init__(
+        self,
+        quantized: QuantizedTensor,
+        bias: torch.Tensor | None = None,
+        *,
+        rank: int = 0,
+        scale: float = 1.0,
+        adapter: str = "lora",
+        dropout: float = 0.0,
+    ):
+        super().__init__()
+        if adapter not in ("lora", "qalora"):
+            raise ValueError(f"adapter: expected 'lora' or 'qalora', got {adapter!r}")
+        self.spec: QuantSpec = quantized.spec
+        self.out_features, self.in_features = quantized.shape
+        self.register_buffer("qcodes", quantized.packed)
+        self.register_buffer("qscales", quantized.scales)
+        self.register_buffer("qzeros", quantized.zeros)
+        self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False) if bias is not None else None
+        self.adapter, self.rank, self.scale = adapter, rank, scale
+        a_in = self.in_features // self.spec.group_size if adapter == "qalora" else self.in_features
+        self.lora_A = nn.Parameter(torch.zeros(rank, a_in))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    @property
+    def quantized(self) -> QuantizedTensor:
+        return QuantizedTensor(self.qcodes, self.qscales, self.qzeros, self.spec,
+                               (self.out_features, self.in_features))
+
+    def set_adapter(self, lora_A: torch.Tensor, lora_B: torch.Tensor) -> None:
+        """Load adapter factors (e.g. LoftQ's), checking their shapes."""
+        if lora_A.shape != self.lora_A.shape or lora_B.shape != self.lora_B.shape:
+            raise ValueError(f"adapter shapes {tuple(lora_A.shape)}, {tuple(lora_B.shape)} do not match "
+                             f"{tuple(self.lora_A.shape)}, {tuple(self.lora_B.shape)}")
+        with torch.no_grad():
+            self.lora_A.copy_(lora_A)
+            self.lora_B.copy_(lora_B)
+
+    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return dequantize(self.quantized, dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, self.dequantized_weight(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        if self.rank == 0:
+            return y
+        h = self.dropout(x)
+        if self.adapter == "qalora":
+            h = h.reshape(*h.shape[:-1], -1, self.spec.group_size).mean(dim=-1)
+        return y + self.scale * F.linear(F.linear(h, self.lora_A.to(x.dtype)), self.lora_B.to(x.dtype))
+
+    def extra_repr(self) -> str:
+        return (f"in={self.in_features}, out={self.out_features}, quant={self.spec.name}, "
+                f"adapter={self.adapter}, rank={self.rank}, scale={self.scale}")
