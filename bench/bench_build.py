@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -40,6 +39,29 @@ def make_llama_shaped(path: str) -> str:
     return path
 
 
+class RssSampler:
+    """Peak resident memory of this process while the block runs (sampled every 20 ms)."""
+
+    def __enter__(self):
+        import threading
+
+        import psutil
+
+        self._proc, self._stop = psutil.Process(), threading.Event()
+        self.start = self.peak = self._proc.memory_info().rss
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.02):
+            self.peak = max(self.peak, self._proc.memory_info().rss)
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
 def one_build(model: str, cache_dir: str, actors: int, bits: int, iters: int) -> dict:
     """Run in a subprocess: build (or hit) one base and report times and peak RSS."""
     import ray
@@ -50,22 +72,32 @@ def one_build(model: str, cache_dir: str, actors: int, bits: int, iters: int) ->
     from workers.quant import QuantSpec
     from workers.quant_plan import QuantPlan
 
+    start_all = time.perf_counter()
     connect(num_cpus=max(2, actors))
     cache = BaseCache(cache_dir)
     source = open_model(model, cache_dir)
     request = BuildRequest(source, QuantPlan(QuantSpec("nf", bits, 64)), rank=16, iters=iters)
-    result = ensure_base(request, cache, actors=actors, progress=False)
+    _ = source.fingerprint  # hashing the weight files is timed separately (fingerprint_s)
+    _ = source.linear_modules  # imports transformers: count library imports out of the build's memory
+    import safetensors.torch  # noqa: F401
+    import transformers  # noqa: F401
+    fingerprint_s = time.perf_counter() - start_all
+    with RssSampler() as rss:
+        result = ensure_base(request, cache, actors=actors, progress=False)
     start = time.perf_counter()
     tensors = load_entry_tensors(cache, result.name, rank=16)
     load_s = time.perf_counter() - start
     fp_bytes = sum(os.path.getsize(os.path.join(source.path, f)) for f in source.files)
     weights = sum(t.numel() for name, t in tensors.items() if not name.endswith((".lora_A", ".lora_B")))
     entry_bytes = sum(meta["bytes"] for meta in result.manifest["files"].values())
+    base_bytes = sum(meta["bytes"] for path, meta in result.manifest["files"].items() if "/base-" in path)
     ray.shutdown()
     return {"built": result.built, "seconds": result.seconds, "load_s": load_s, "fp_file_bytes": fp_bytes,
             "entry_bytes": entry_bytes, "params": sum(r["shape"][0] * r["shape"][1]
                                                         for r in result.manifest["matrices"].values()),
-            "tensor_elems": weights, "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+            "tensor_elems": weights, "base_bytes": base_bytes, "baseline_rss": rss.start, "peak_rss": rss.peak,
+            "fingerprint_s": fingerprint_s,
+            "matrix_seconds": sum(r["seconds"] for r in result.manifest["matrices"].values())}
 
 
 def run_one(model: str, cache_dir: str, actors: int, bits: int, iters: int) -> dict:
@@ -87,8 +119,11 @@ def bench_model(label: str, model: str, bits: int, iters: int, work: str) -> dic
         "build_1_actor_s": runs[1]["seconds"], "build_2_actors_s": runs[2]["seconds"],
         "speedup": runs[1]["seconds"] / runs[2]["seconds"],
         "hit_s": hit["seconds"] + hit["load_s"], "hit_vs_build": (hit["seconds"] + hit["load_s"]) / runs[2]["seconds"],
-        "peak_rss_mib": runs[2]["peak_rss"] / 2**20, "fp_file_mib": runs[2]["fp_file_bytes"] / 2**20,
-        "entry_mib": runs[2]["entry_bytes"] / 2**20, "entry_vs_fp16": runs[2]["entry_bytes"] / fp16_bytes,
+        "matrix_cpu_s": runs[1]["matrix_seconds"],
+        "build_rss_growth_mib": (runs[2]["peak_rss"] - runs[2]["baseline_rss"]) / 2**20,
+        "fp_file_mib": runs[2]["fp_file_bytes"] / 2**20,
+        "entry_mib": runs[2]["entry_bytes"] / 2**20,
+        "quantized_linears_vs_fp16": runs[2]["base_bytes"] / fp16_bytes,
     }
     print(" ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
     return row

@@ -109,11 +109,15 @@ def ensure_base(
     *,
     actors: int | None = None,
     threads_per_actor: int = 1,
+    address: str | None = None,
     progress: bool = True,
     on_progress: Callable[[int, int], None] | None = None,
     shard_bytes: int = SHARD_BYTES,
 ) -> BuildResult:
-    """Return the cached base for `request`, building it (or its LoRA factors for a new rank) if missing."""
+    """Return the cached base for `request`, building it (or its LoRA factors for a new rank) if missing.
+
+    Ray is only joined (at `address`, else the embedded local Ray) when something has to be built.
+    """
     start = time.perf_counter()
     key = request.key()
     manifest = cache.lookup(key)
@@ -126,6 +130,7 @@ def ensure_base(
             return BuildResult(key.name, cache.uri, False, time.perf_counter() - start, manifest)
         if manifest is not None:  # a rank-independent base exists: only the factors for this rank are missing
             jobs = [replace(j, want_base=False) for j in jobs]
+        connect(address)
         pool = _start_actors(actors, threads_per_actor, len(jobs))
         bar = tqdm(total=len(jobs), desc=f"quantize {key.name}", unit="matrix", disable=not progress,
                    file=sys.stderr)

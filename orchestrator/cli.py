@@ -6,6 +6,7 @@ Exit codes: 0 ok, 2 invalid input (the message names the field or file), 1 failu
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -17,20 +18,20 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 EXIT_OK, EXIT_FAILURE, EXIT_INVALID = 0, 1, 2
 
 
-class InvalidInput(Exception):
+class InvalidInputError(Exception):
     """Bad user input: reported in one line, exit code 2."""
 
 
 def _emit(args: argparse.Namespace, payload: dict | list, text: str) -> None:
-    print(json.dumps(payload, indent=None if args.json else 1) if args.json else text)
+    """The command's result: one JSON document with --json, else text; always on the real stdout."""
+    print(json.dumps(payload) if args.json else text, file=args.out, flush=True)
 
 
 # ---------------------------------------------------------------------------------------------- quantize
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
-    from orchestrator.build import BuildInputError, BuildRequest, connect, ensure_base, error_table
-    from orchestrator.cache import BaseCache
+    from orchestrator.build import BuildInputError, BuildRequest, ensure_base, error_table
     from workers.model_source import open_model
     from workers.quant import QuantSpec
     from workers.quant_plan import QuantPlan
@@ -41,16 +42,15 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         plan = QuantPlan(spec, first_layers=args.first_layers, first_bits=args.first_bits)
         source = open_model(args.model, _local_work_dir(cache))
     except (ValueError, FileNotFoundError) as exc:
-        raise InvalidInput(str(exc)) from exc
+        raise InvalidInputError(str(exc)) from exc
     request = BuildRequest(source, plan, method=args.method, rank=args.rank, iters=args.iters,
                            targets=tuple(args.targets.split(",")), seed=args.seed)
-    connect(args.address)
     start = time.perf_counter()
     try:
         result = ensure_base(request, cache, actors=args.actors, threads_per_actor=args.threads,
-                             progress=not args.json)
+                             address=args.address, progress=not args.json)
     except BuildInputError as exc:
-        raise InvalidInput(str(exc)) from exc
+        raise InvalidInputError(str(exc)) from exc
     payload = {"key": result.name, "uri": f"{result.uri.rstrip('/')}/bases/{result.name}", "built": result.built,
                "seconds": round(time.perf_counter() - start, 3),
                "matrices": len(result.manifest.get("matrices", {}))}
@@ -61,8 +61,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
 def _local_work_dir(cache) -> str:
     """Where built-in tiny models are materialized: beside a local cache, else in ~/.cache/loftune."""
-    root = cache.root if cache.uri.startswith("/") or "://" not in cache.uri else None
-    return root or os.path.expanduser("~/.cache/loftune")
+    return cache.root if cache.is_local else os.path.expanduser("~/.cache/loftune")
 
 
 def _open_cache(uri: str | None):
@@ -71,7 +70,7 @@ def _open_cache(uri: str | None):
     try:
         return BaseCache(uri)
     except ValueError as exc:
-        raise InvalidInput(f"--cache: {exc}") from exc
+        raise InvalidInputError(f"--cache: {exc}") from exc
 
 
 # ------------------------------------------------------------------------------------------------- cache
@@ -87,7 +86,7 @@ def cmd_cache(args: argparse.Namespace) -> int:
         print(f"loftune cache {args.cache_command}: {exc}", file=sys.stderr)
         return EXIT_FAILURE
     except ValueError as exc:
-        raise InvalidInput(str(exc)) from exc
+        raise InvalidInputError(str(exc)) from exc
 
 
 def _cache_ls(cache, args) -> int:
@@ -173,9 +172,12 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # libraries log to stdout (DeepSpeed, Ray): keep stdout for the result alone, so --json output parses
+    args.out = sys.stdout
     try:
-        return args.func(args)
-    except InvalidInput as exc:
+        with contextlib.redirect_stdout(sys.stderr):
+            return args.func(args)
+    except InvalidInputError as exc:
         print(f"loftune {args.command}: {exc}", file=sys.stderr)
         return EXIT_INVALID
     except KeyboardInterrupt:

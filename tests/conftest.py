@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -39,3 +45,45 @@ def ray_session():
         ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, object_store_memory=200 * 1024**2)
     yield ray
     ray.shutdown()
+
+
+S3_BUCKET = "loftune-test"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def s3_server(tmp_path_factory):
+    """A real S3 API on loopback (moto_server), with the env a cache reads, and one bucket."""
+    import s3fs
+
+    port = _free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    log = open(tmp_path_factory.mktemp("moto") / "moto.log", "wb")
+    server = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=log, stderr=subprocess.STDOUT)
+    env = pytest.MonkeyPatch()
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                urllib.request.urlopen(endpoint, timeout=1).close()
+                break
+            except OSError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"moto_server did not start (see {log.name})")
+                time.sleep(0.1)
+        for name, value in {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
+                            "LOFTUNE_S3_ENDPOINT": endpoint, "NO_PROXY": "127.0.0.1"}.items():
+            env.setenv(name, value)
+        s3fs.S3FileSystem(endpoint_url=endpoint, skip_instance_cache=True).mkdir(S3_BUCKET)
+        yield endpoint
+    finally:
+        env.undo()
+        server.kill()
+        server.wait()
+        log.close()

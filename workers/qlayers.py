@@ -48,6 +48,8 @@ class QuantLoraLinear(nn.Module):
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.merged = False
+        self._zeros_before_merge: torch.Tensor | None = None
 
     @property
     def quantized(self) -> QuantizedTensor:
@@ -66,9 +68,37 @@ class QuantLoraLinear(nn.Module):
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return dequantize(self.quantized, dtype)
 
+    def delta_weight(self) -> torch.Tensor:
+        """The [out, in] correction the adapter adds to the base weight (float32)."""
+        delta = self.scale * (self.lora_B.detach().float() @ self.lora_A.detach().float())
+        if self.adapter == "qalora":
+            delta = (delta / self.spec.group_size).repeat_interleave(self.spec.group_size, dim=1)
+        return delta
+
+    def merge(self) -> None:
+        """QA-LoRA: fold the adapter into the zero points; the layer is then a plain INT-k layer, same codes.
+
+        beta'[o, g] = beta[o, g] + s * (B @ A)[o, g] / L, exact up to the zero points' dtype.
+        """
+        if self.adapter != "qalora" or self.spec.kind != "int":
+            raise ValueError("merge: only a QA-LoRA adapter on an INT base folds into the quantized weight; "
+                             "for LoRA export a merged full-precision model instead")
+        if self.merged:
+            return
+        self._zeros_before_merge = self.qzeros.clone()
+        fold = self.scale * (self.lora_B.detach().float() @ self.lora_A.detach().float()) / self.spec.group_size
+        self.qzeros = (self.qzeros.float() + fold).to(self.qzeros.dtype)
+        self.merged = True
+
+    def unmerge(self) -> None:
+        """Undo `merge` exactly (the original zero points were kept)."""
+        if self.merged:
+            self.qzeros = self._zeros_before_merge
+            self._zeros_before_merge, self.merged = None, False
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(x, self.dequantized_weight(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
-        if self.rank == 0:
+        if self.rank == 0 or self.merged:
             return y
         h = self.dropout(x)
         if self.adapter == "qalora":

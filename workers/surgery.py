@@ -56,7 +56,10 @@ def apply_quantized_base(
             raise ValueError(f"init: expected 'loftq' or 'qlora', got {init!r}")
         model.set_submodule(prefix + module, layer)
     skip = {f"{m}.{p}" for m in targets for p in ("bias", "lora_A", "lora_B")}
-    rest = {prefix + k: v for k, v in tensors.items() if QWEIGHT not in k and k not in skip}
+    # non-persistent buffers (e.g. BERT's position_ids) are rebuilt by the model, not loaded
+    transient = {n for n, _ in model.named_buffers()} - set(model.state_dict())
+    rest = {prefix + k: v for k, v in tensors.items()
+            if QWEIGHT not in k and k not in skip and prefix + k not in transient}
     # keys the model lacks are an error; keys the entry lacks (a new task head) keep their fresh init
     unexpected = model.load_state_dict(rest, strict=False).unexpected_keys
     if unexpected:
