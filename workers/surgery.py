@@ -23,6 +23,12 @@ def quantized_modules(tensors: dict[str, torch.Tensor]) -> list[str]:
     return sorted(k[: -len(QWEIGHT + "qmeta")] for k in tensors if k.endswith(QWEIGHT + "qmeta"))
 
 
+def quantized_tensor(tensors: dict[str, torch.Tensor], module: str) -> QuantizedTensor:
+    """The QuantizedTensor stored for `module` in entry-layout `tensors`."""
+    prefix = f"{module}{QWEIGHT}"
+    return QuantizedTensor.from_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+
+
 def apply_quantized_base(
     model: nn.Module,
     tensors: dict[str, torch.Tensor],
@@ -43,9 +49,7 @@ def apply_quantized_base(
     scale = (alpha if alpha is not None else rank) / rank if rank else 1.0
     targets = quantized_modules(tensors)
     for module in targets:
-        parts = {k: tensors[f"{module}{QWEIGHT}{k}"] for k in ("codes", "scales", "zeros", "qmeta")
-                 if f"{module}{QWEIGHT}{k}" in tensors}
-        layer = QuantLoraLinear(QuantizedTensor.from_state_dict(parts), tensors.get(f"{module}.bias"),
+        layer = QuantLoraLinear(quantized_tensor(tensors, module), tensors.get(f"{module}.bias"),
                                 rank=rank, scale=scale, adapter=adapter, dropout=dropout)
         if init == "loftq" and rank:
             A, B = tensors.get(f"{module}.lora_A"), tensors.get(f"{module}.lora_B")
@@ -73,7 +77,5 @@ def dequantized_state_dict(tensors: dict[str, torch.Tensor], dtype: torch.dtype 
 
     out = {k: v for k, v in tensors.items() if QWEIGHT not in k and not k.endswith((".lora_A", ".lora_B"))}
     for module in quantized_modules(tensors):
-        parts = {k: tensors[f"{module}{QWEIGHT}{k}"] for k in ("codes", "scales", "zeros", "qmeta")
-                 if f"{module}{QWEIGHT}{k}" in tensors}
-        out[f"{module}.weight"] = dequantize(QuantizedTensor.from_state_dict(parts), dtype)
+        out[f"{module}.weight"] = dequantize(quantized_tensor(tensors, module), dtype)
     return out
