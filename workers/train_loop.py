@@ -118,7 +118,8 @@ def train_func(config: dict) -> None:
 
     tokenizer = transformers.AutoTokenizer.from_pretrained(job.tokenizer_dir)
     data = load_task(job.task, tokenizer)
-    model = build_model(job, ray.get(job.base_ref), getattr(data, "num_labels", None))
+    num_labels = {"classification": data.num_labels, "regression": 1}.get(job.task.type)
+    model = build_model(job, ray.get(job.base_ref), num_labels)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=settings.lr, weight_decay=settings.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_multiplier(settings, step))
@@ -148,7 +149,7 @@ def train_func(config: dict) -> None:
         step += 1
         metrics = {}
         if step % settings.eval_every == 0 or step == settings.max_steps:
-            metrics.update(evaluate(engine, data, settings, rank, world))
+            metrics.update(evaluate(engine, data, job.task.type, settings, rank, world))
         if step % settings.report_every == 0 or metrics:
             elapsed = time.perf_counter() - window_start
             metrics.update(step=step, loss=window_loss / max(window_n, 1), lr=scheduler.get_last_lr()[0],
@@ -185,7 +186,7 @@ def _batches_from(loader, skip: int):
 
 
 @torch.no_grad()
-def evaluate(engine, data, settings: TrainSettings, rank: int, world: int) -> dict:
+def evaluate(engine, data, task_type: str, settings: TrainSettings, rank: int, world: int) -> dict:
     """Metrics on the eval split: every rank scores its shard, then predictions are gathered."""
     from torch.utils.data import DataLoader
     from torch.utils.data.distributed import DistributedSampler
@@ -200,16 +201,16 @@ def evaluate(engine, data, settings: TrainSettings, rank: int, world: int) -> di
         if settings.max_eval_batches is not None and i >= settings.max_eval_batches:
             break
         out = engine(**batch)
-        if data.task_type in ("classification", "regression"):
+        if task_type in ("classification", "regression"):
             outputs.append(out.logits.float())
             labels.append(batch["labels"])
         else:
             n = int((batch["labels"][:, 1:] != -100).sum())
             nll, tokens = nll + out.loss.item() * n, tokens + n
     engine.train()
-    if data.task_type in ("classification", "regression"):
+    if task_type in ("classification", "regression"):
         logits, gold = _gather(torch.cat(outputs), world), _gather(torch.cat(labels), world)
-        if data.task_type == "classification":
+        if task_type == "classification":
             return {f"eval_{k}": v for k, v in classification_metrics(logits, gold).items()}
         return {f"eval_{k}": v for k, v in regression_metrics(logits.squeeze(-1), gold).items()}
     totals = torch.tensor([nll, float(tokens)])

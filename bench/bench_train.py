@@ -1,0 +1,102 @@
+"""Training step time and frozen-base memory: quantized-base LoRA vs full-precision LoRA, same model, same run.
+
+    python -m bench.bench_train                 # MiniLM-L6, batch 16 x 64 tokens, rank 16, NF2 / NF4 / INT4
+    python -m bench.bench_train --steps 30
+
+Both sides train the same adapters (rank 16 on every encoder linear) with AdamW in one process; the baseline
+is peft's LoRA over the full-precision fp32 model. Timings alternate between the models so that machine noise
+hits both alike; the table reports medians and their ratio (target <= 1.5).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+import torch
+import transformers
+from safetensors import safe_open
+
+from workers.matrix_worker import MatrixJob, MatrixWorker
+from workers.model_source import minilm_path
+from workers.quant import QuantSpec
+from workers.surgery import apply_quantized_base
+
+
+def minilm_classifier() -> transformers.BertForSequenceClassification:
+    return transformers.BertForSequenceClassification.from_pretrained(minilm_path(), num_labels=3)
+
+
+def quantized_model(spec: QuantSpec, rank: int) -> tuple[torch.nn.Module, int]:
+    """MiniLM classifier with LoftQ-quantized encoder linears; also returns the frozen base's bytes."""
+    model = minilm_classifier()
+    worker = MatrixWorker(torch.get_num_threads())
+    tensors = {}
+    with safe_open(os.path.join(minilm_path(), "model.safetensors"), "pt") as f:
+        for name in f.keys():
+            tensors[name] = f.get_tensor(name)
+    for name, module in model.bert.named_modules():
+        if isinstance(module, torch.nn.Linear) and "pooler" not in name:
+            tensors.update(worker.quantize(MatrixJob(name, spec, rank, 1), tensors.pop(name + ".weight")).tensors)
+    apply_quantized_base(model, tensors, rank=rank, alpha=2 * rank, prefix="bert.")
+    for name, p in model.named_parameters():
+        p.requires_grad = name.endswith(("lora_A", "lora_B")) or name.startswith("classifier")
+    frozen = sum(b.numel() * b.element_size() for n, b in model.named_buffers() if ".q" in n)
+    return model, frozen
+
+
+def fp_lora_model(rank: int) -> tuple[torch.nn.Module, int]:
+    from peft import LoraConfig, get_peft_model
+
+    model = minilm_classifier()
+    targets = [n for n, m in model.bert.named_modules() if isinstance(m, torch.nn.Linear) and "pooler" not in n]
+    frozen = sum(m.weight.numel() * 2 for n, m in model.bert.named_modules() if n in targets)  # as fp16
+    config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets, task_type="SEQ_CLS")
+    return get_peft_model(model, config), frozen
+
+
+def step_fn(model: torch.nn.Module):
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(1000, 30000, (16, 64), generator=gen)
+    labels = torch.randint(0, 3, (16,), generator=gen)
+
+    def step() -> float:
+        start = time.perf_counter()
+        loss = model(input_ids=ids, labels=labels).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return time.perf_counter() - start
+
+    return step
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--rank", type=int, default=16)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    baseline, fp16_bytes = fp_lora_model(args.rank)
+    base_step = step_fn(baseline.train())
+    print(f"{'quant':>9} {'fp_lora_ms':>10} {'q_lora_ms':>9} {'ratio':>6} {'frozen_MiB':>10} {'fp16_MiB':>8} "
+          f"{'mem_ratio':>9}")
+    for spec in (QuantSpec("nf", 2, 64), QuantSpec("nf", 4, 64), QuantSpec("int", 4, 64)):
+        model, frozen = quantized_model(spec, args.rank)
+        q_step = step_fn(model.train())
+        for _ in range(3):  # warm-up
+            base_step(), q_step()
+        base_times, q_times = [], []
+        for _ in range(args.steps):
+            base_times.append(base_step())
+            q_times.append(q_step())
+        b, q = statistics.median(base_times) * 1e3, statistics.median(q_times) * 1e3
+        print(f"{spec.name:>9} {b:10.1f} {q:9.1f} {q / b:6.2f} {frozen / 2**20:10.2f} {fp16_bytes / 2**20:8.2f} "
+              f"{frozen / fp16_bytes:9.3f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
