@@ -100,6 +100,8 @@ def load_checkpoint(directory: str, engine) -> dict:
 
 def train_func(config: dict) -> None:
     """Ray Train entry point: `config["job"]` is a JobConfig."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before deepspeed is imported: gloo, no CUDA probing
     import deepspeed
     import ray
     import ray.train
@@ -127,11 +129,12 @@ def train_func(config: dict) -> None:
                                            config=deepspeed_config(settings))
     step, samples_seen = 0, 0
     checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
+    if checkpoint:  # a restarted worker group: continue from the latest checkpoint, not from step 0
         with checkpoint.as_directory() as directory:
             step = load_checkpoint(directory, engine)["step"]
         for _ in range(step):
             scheduler.step()
+    resumed_from = step
 
     loader = _loader(data.train, data.collate, settings, rank, world, epoch_seed=settings.seed)
     batches = _batches_from(loader, step * settings.grad_accum)
@@ -152,7 +155,8 @@ def train_func(config: dict) -> None:
             metrics.update(evaluate(engine, data, job.task.type, settings, rank, world))
         if step % settings.report_every == 0 or metrics:
             elapsed = time.perf_counter() - window_start
-            metrics.update(step=step, loss=window_loss / max(window_n, 1), lr=scheduler.get_last_lr()[0],
+            metrics.update(step=step, resumed_from=resumed_from, loss=window_loss / max(window_n, 1),
+                           lr=scheduler.get_last_lr()[0],
                            samples_per_s=window_n * settings.micro_batch_size * world / max(elapsed, 1e-9))
             window_start, window_loss, window_n = time.perf_counter(), 0.0, 0
         if step % settings.checkpoint_every == 0 or step == settings.max_steps:
@@ -160,7 +164,7 @@ def train_func(config: dict) -> None:
                 save_checkpoint(directory, engine, {"step": step, "metrics": metrics})
                 torch.distributed.barrier()
                 ckpt = Checkpoint.from_directory(directory) if rank == 0 else None
-                ray.train.report({**metrics, "step": step}, checkpoint=ckpt)
+                ray.train.report({**metrics, "step": step, "resumed_from": resumed_from}, checkpoint=ckpt)
         elif metrics:
             ray.train.report(metrics)
 
