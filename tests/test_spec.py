@@ -120,7 +120,7 @@ def test_every_problem_is_reported_at_once(tmp_path):
 
 
 @pytest.mark.parametrize("text,needle", [
-    ("name: t\nmodel: [unclosed\n", "line 2"),
+    ("name: t\nmodel: [unclosed\n", "line 3"),
     ("name: t\n  model: x\n bad", "YAML syntax error at line"),
     ("- just\n- a list\n", "expected a mapping"),
     ("", "expected a mapping"),
