@@ -26,7 +26,7 @@ ALL_LINEAR = "all-linear"
 
 TINY_CONFIGS: dict[str, dict] = {
     "tiny-llama": dict(
-        model_type="llama", architectures=["LlamaForCausalLM"], vocab_size=512, hidden_size=128,
+        model_type="llama", architectures=["LlamaForCausalLM"], vocab_size=30522, hidden_size=128,
         intermediate_size=256, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
         max_position_embeddings=256, tie_word_embeddings=False,
     ),
