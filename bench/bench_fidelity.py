@@ -11,19 +11,15 @@ LoRA rows use group 64; QA-LoRA rows use group 16 (its adapter has in/group_size
 from __future__ import annotations
 
 import argparse
-import os
 import time
 
 import torch
 import transformers
-from safetensors import safe_open
 
-from bench.bench_train import fp_lora_model
-from workers.matrix_worker import MatrixJob, MatrixWorker
+from bench.bench_train import fp_lora_model, quantized_classifier
 from workers.metrics import classification_metrics
 from workers.model_source import minilm_path
 from workers.quant import QuantSpec
-from workers.surgery import apply_quantized_base
 from workers.tasks import TaskSpec, load_task
 
 ROWS = [
@@ -37,23 +33,6 @@ ROWS = [
     ("qalora-int2", QuantSpec("int", 2, 16), "qalora", 0),
     ("qalora-loftq-int2", QuantSpec("int", 2, 16), "qalora", 5),
 ]
-
-
-def quantized_classifier(spec: QuantSpec, method: str, iters: int, rank: int) -> torch.nn.Module:
-    model = transformers.BertForSequenceClassification.from_pretrained(minilm_path(), num_labels=3)
-    with safe_open(os.path.join(minilm_path(), "model.safetensors"), "pt") as f:
-        tensors = {name: f.get_tensor(name) for name in f.keys()}
-    worker = MatrixWorker(torch.get_num_threads())
-    for name, module in model.bert.named_modules():
-        if isinstance(module, torch.nn.Linear) and "pooler" not in name:
-            job = MatrixJob(name, spec, rank, iters, "qalora" if method == "qalora" else method)
-            tensors.update(worker.quantize(job, tensors.pop(name + ".weight")).tensors)
-    init = "loftq" if iters > 0 else "qlora"
-    apply_quantized_base(model, tensors, rank=rank, alpha=2 * rank, adapter="qalora" if method == "qalora" else "lora",
-                         init=init, prefix="bert.")
-    for name, p in model.named_parameters():
-        p.requires_grad = name.endswith(("lora_A", "lora_B")) or name.startswith("classifier")
-    return model
 
 
 def train_and_test(model, data, steps: int, batch: int, lr: float, seed: int) -> dict:

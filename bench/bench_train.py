@@ -29,20 +29,26 @@ def minilm_classifier() -> transformers.BertForSequenceClassification:
     return transformers.BertForSequenceClassification.from_pretrained(minilm_path(), num_labels=3)
 
 
-def quantized_model(spec: QuantSpec, rank: int) -> tuple[torch.nn.Module, int]:
-    """MiniLM classifier with LoftQ-quantized encoder linears; also returns the frozen base's bytes."""
+def quantized_classifier(spec: QuantSpec, method: str, iters: int, rank: int) -> torch.nn.Module:
+    """MiniLM classifier whose 36 encoder linears are quantized (QLoRA, LoftQ or QA-LoRA start); head trainable."""
     model = minilm_classifier()
-    worker = MatrixWorker(torch.get_num_threads())
-    tensors = {}
     with safe_open(os.path.join(minilm_path(), "model.safetensors"), "pt") as f:
-        for name in f.keys():
-            tensors[name] = f.get_tensor(name)
+        tensors = {name: f.get_tensor(name) for name in f.keys()}
+    worker = MatrixWorker(torch.get_num_threads())
     for name, module in model.bert.named_modules():
         if isinstance(module, torch.nn.Linear) and "pooler" not in name:
-            tensors.update(worker.quantize(MatrixJob(name, spec, rank, 1), tensors.pop(name + ".weight")).tensors)
-    apply_quantized_base(model, tensors, rank=rank, alpha=2 * rank, prefix="bert.")
+            job = MatrixJob(name, spec, rank, iters, method)
+            tensors.update(worker.quantize(job, tensors.pop(name + ".weight")).tensors)
+    apply_quantized_base(model, tensors, rank=rank, alpha=2 * rank, adapter="qalora" if method == "qalora" else "lora",
+                         init="loftq" if iters > 0 else "qlora", prefix="bert.")
     for name, p in model.named_parameters():
         p.requires_grad = name.endswith(("lora_A", "lora_B")) or name.startswith("classifier")
+    return model
+
+
+def quantized_model(spec: QuantSpec, rank: int) -> tuple[torch.nn.Module, int]:
+    """The LoftQ (1 iteration) classifier and the bytes of its frozen quantized base."""
+    model = quantized_classifier(spec, "loftq", 1, rank)
     frozen = sum(b.numel() * b.element_size() for n, b in model.named_buffers() if ".q" in n)
     return model, frozen
 

@@ -15,6 +15,7 @@ import re
 import statistics
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
@@ -23,12 +24,11 @@ import torch
 from tqdm import tqdm
 
 from orchestrator.cache import BaseCache, BaseCacheKey
-from workers.matrix_worker import MatrixJob, MatrixResult, MatrixWorker
+from workers.matrix_worker import METHODS, MatrixJob, MatrixResult, MatrixWorker, is_factor
 from workers.model_source import ModelSource
 from workers.quant import packed_nbytes
 from workers.quant_plan import QuantPlan
 
-METHODS = ("loftq", "qlora", "qalora")
 SHARD_BYTES = 1 << 30
 REST_FILE = "rest.safetensors"
 
@@ -49,15 +49,19 @@ class BuildRequest:
     targets: tuple[str, ...] = ("all-linear",)
     seed: int = 0
 
+    @property
+    def effective_iters(self) -> int:
+        """QLoRA is LoftQ with no alternation: its base is plain quantization whatever `iters` says."""
+        return 0 if self.method == "qlora" else self.iters
+
     def key(self) -> BaseCacheKey:
-        iters = 0 if self.method == "qlora" else self.iters
         return BaseCacheKey(model=self.source.name, fingerprint=self.source.fingerprint, quant=self.plan.to_dict(),
-                            quant_label=self.plan.label, method=self.method, iters=iters, rank=self.rank,
-                            targets=tuple(sorted(self.targets)))
+                            quant_label=self.plan.label, method=self.method, iters=self.effective_iters,
+                            rank=self.rank, targets=tuple(sorted(self.targets)))
 
     @property
     def stores_factors(self) -> bool:
-        return self.method != "qlora" and self.iters > 0 and self.rank > 0
+        return self.effective_iters > 0 and self.rank > 0
 
 
 @dataclass
@@ -96,9 +100,8 @@ def plan_jobs(request: BuildRequest) -> tuple[list[MatrixJob], dict[str, tuple]]
         problems.append(f"quantization.kind: method 'qalora' needs kind 'int', got {request.plan.base.kind!r}")
     if problems:
         raise BuildInputError("cannot build this base:\n  " + "\n  ".join(problems))
-    iters = 0 if request.method == "qlora" else request.iters
-    jobs = [MatrixJob(m, request.plan.spec_for(m), request.rank, iters, request.method, request.seed)
-            for m in modules]
+    jobs = [MatrixJob(m, request.plan.spec_for(m), request.rank, request.effective_iters, request.method,
+                      request.seed) for m in modules]
     jobs.sort(key=lambda j: (-shapes[j.module][0] * shapes[j.module][1], j.module))
     return jobs, shapes
 
@@ -138,7 +141,7 @@ def ensure_base(
             if manifest is None:
                 manifest = _build_entry(request, key, cache, jobs, shapes, pool, bar, on_progress, shard_bytes)
             else:
-                manifest = _build_factors(request, key, cache, jobs, pool, bar, on_progress)
+                manifest = _build_factors(request, manifest, cache, jobs, pool, bar, on_progress)
         finally:
             bar.close()
             for actor in pool:
@@ -202,7 +205,7 @@ def _shard_plan(jobs: list[MatrixJob], shapes: dict, shard_bytes: int) -> dict[s
 def _build_entry(request, key, cache, jobs, shapes, pool, bar, on_progress, shard_bytes) -> dict:
     build_start = time.perf_counter()
     shard_of = _shard_plan(jobs, shapes, shard_bytes)
-    remaining = {s: list(shard_of.values()).count(s) for s in set(shard_of.values())}
+    remaining = Counter(shard_of.values())
     buffers: dict[int, dict[str, torch.Tensor]] = {s: {} for s in remaining}
     factors: dict[str, torch.Tensor] = {}
     matrices: dict[str, dict] = {}
@@ -210,7 +213,7 @@ def _build_entry(request, key, cache, jobs, shapes, pool, bar, on_progress, shar
         for result in _run_jobs(request.source, jobs, pool, bar, on_progress):
             shard = shard_of[result.module]
             for name, tensor in result.tensors.items():
-                (factors if name.endswith((".lora_A", ".lora_B")) else buffers[shard])[name] = tensor
+                (factors if is_factor(name) else buffers[shard])[name] = tensor
             matrices[result.module] = _matrix_record(result, shapes, request)
             remaining[shard] -= 1
             if remaining[shard] == 0:
@@ -223,14 +226,13 @@ def _build_entry(request, key, cache, jobs, shapes, pool, bar, on_progress, shar
         return writer.commit(_manifest_extra(request, matrices, time.perf_counter() - build_start, bool(factors)))
 
 
-def _build_factors(request, key, cache, jobs, pool, bar, on_progress) -> dict:
-    """Add LoftQ factors for another rank to a rank-independent (iters <= 1) base."""
+def _build_factors(request, manifest, cache, jobs, pool, bar, on_progress) -> dict:
+    """Add LoftQ factors for another rank to a rank-independent (iters <= 1) base (we hold its lock)."""
     factors: dict[str, torch.Tensor] = {}
     for result in _run_jobs(request.source, jobs, pool, bar, on_progress):
-        factors.update({k: v for k, v in result.tensors.items() if k.endswith((".lora_A", ".lora_B"))})
-    existing = cache.lookup(key)
-    update = {"factor_ranks": sorted({*existing.get("factor_ranks", []), request.rank})}
-    return cache.add_files(key.name, {factor_file(request.rank): factors}, update)
+        factors.update({k: v for k, v in result.tensors.items() if is_factor(k)})
+    update = {"factor_ranks": sorted({*manifest.get("factor_ranks", []), request.rank})}
+    return cache.add_files(manifest["name"], {factor_file(request.rank): factors}, update)
 
 
 def _matrix_record(result: MatrixResult, shapes: dict, request: BuildRequest) -> dict:

@@ -17,10 +17,10 @@ from typing import Any
 
 import yaml
 
+from workers.matrix_worker import METHODS
 from workers.quant import ALLOWED_BITS, SCALE_DTYPES
 from workers.train_settings import AdapterSettings, TrainSettings
 
-METHODS = ("loftq", "qlora", "qalora")
 SWEEP_MODES = ("grid", "random")
 SCHEDULERS = ("fifo", "asha")
 SWEEPABLE = ("bits", "rank", "group_size", "lr")

@@ -88,15 +88,11 @@ def export_peft_adapter(model: nn.Module, out_dir: str, *, task_type: str, prove
 
 def export_qalora_merged(model: nn.Module, out_dir: str, *, model_config: dict, provenance: dict) -> str:
     """Merge every QA-LoRA adapter into its zero points and write the still-quantized model."""
-    from workers.quant import QuantizedTensor
-
     tensors: dict[str, torch.Tensor] = {}
     layers = quant_layers(model)
     for name, layer in layers.items():
         layer.merge()
-        q = QuantizedTensor(layer.qcodes, layer.qscales, layer.qzeros, layer.spec,
-                            (layer.out_features, layer.in_features))
-        tensors.update({f"{name}.qweight.{k}": v.contiguous() for k, v in q.state_dict().items()})
+        tensors.update({f"{name}.qweight.{k}": v.contiguous() for k, v in layer.quantized.state_dict().items()})
     skip = tuple(f"{name}." for name in layers)
     for key, value in model.state_dict().items():
         if not key.startswith(skip) or key.endswith(".bias"):

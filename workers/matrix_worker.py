@@ -20,6 +20,13 @@ from workers.loftq import loftq_init
 from workers.quant import QuantSpec
 
 METHOD_ADAPTER = {"loftq": "lora", "qlora": "lora", "qalora": "qalora"}
+METHODS = tuple(METHOD_ADAPTER)
+FACTOR_SUFFIXES = (".lora_A", ".lora_B")
+
+
+def is_factor(name: str) -> bool:
+    """Whether a stored tensor is a LoftQ factor (`<module>.lora_A` / `.lora_B`)."""
+    return name.endswith(FACTOR_SUFFIXES)
 
 
 @dataclass(frozen=True)

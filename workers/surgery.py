@@ -12,6 +12,7 @@ import math
 import torch
 from torch import nn
 
+from workers.matrix_worker import is_factor
 from workers.qlayers import QuantLoraLinear
 from workers.quant import QuantizedTensor
 
@@ -21,6 +22,11 @@ QWEIGHT = ".qweight."
 def quantized_modules(tensors: dict[str, torch.Tensor]) -> list[str]:
     """Modules that have a quantized weight in `tensors`."""
     return sorted(k[: -len(QWEIGHT + "qmeta")] for k in tensors if k.endswith(QWEIGHT + "qmeta"))
+
+
+def is_plain(name: str) -> bool:
+    """Whether an entry tensor is an ordinary model tensor (neither a quantized part nor a LoftQ factor)."""
+    return QWEIGHT not in name and not is_factor(name)
 
 
 def quantized_tensor(tensors: dict[str, torch.Tensor], module: str) -> QuantizedTensor:
@@ -59,11 +65,11 @@ def apply_quantized_base(
         elif init != "qlora" and rank:
             raise ValueError(f"init: expected 'loftq' or 'qlora', got {init!r}")
         model.set_submodule(prefix + module, layer)
-    skip = {f"{m}.{p}" for m in targets for p in ("bias", "lora_A", "lora_B")}
+    target_biases = {f"{m}.bias" for m in targets}  # already inside their QuantLoraLinear
     # non-persistent buffers (e.g. BERT's position_ids) are rebuilt by the model, not loaded
     transient = {n for n, _ in model.named_buffers()} - set(model.state_dict())
     rest = {prefix + k: v for k, v in tensors.items()
-            if QWEIGHT not in k and k not in skip and prefix + k not in transient}
+            if is_plain(k) and k not in target_biases and prefix + k not in transient}
     # keys the model lacks are an error; keys the entry lacks (a new task head) keep their fresh init
     unexpected = model.load_state_dict(rest, strict=False).unexpected_keys
     if unexpected:
@@ -75,7 +81,7 @@ def dequantized_state_dict(tensors: dict[str, torch.Tensor], dtype: torch.dtype 
     """A plain full-precision state dict: every quantized matrix dequantized back to `<module>.weight`."""
     from workers.quant import dequantize
 
-    out = {k: v for k, v in tensors.items() if QWEIGHT not in k and not k.endswith((".lora_A", ".lora_B"))}
+    out = {k: v for k, v in tensors.items() if is_plain(k)}
     for module in quantized_modules(tensors):
         out[f"{module}.weight"] = dequantize(quantized_tensor(tensors, module), dtype)
     return out

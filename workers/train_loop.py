@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from safetensors.torch import load_file, save_file
 
-from workers.surgery import apply_quantized_base
+from workers.surgery import apply_quantized_base, is_plain
 from workers.train_settings import AdapterSettings, TrainSettings, deepspeed_config, lr_multiplier
 
 TRAINABLE_FILE = "trainable.safetensors"
@@ -64,7 +64,7 @@ def _entry_prefix(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> s
     """'' or '<base_model_prefix>.': whichever maps more of the entry's tensor names onto the model."""
     names = set(model.state_dict())
     candidates = ["", getattr(model, "base_model_prefix", "") + "."]
-    plain = [k for k in tensors if ".qweight." not in k and not k.endswith((".lora_A", ".lora_B"))]
+    plain = [k for k in tensors if is_plain(k)]
     return max(candidates, key=lambda p: sum(p + k in names for k in plain))
 
 
@@ -127,7 +127,7 @@ def train_func(config: dict) -> None:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_multiplier(settings, step))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=deepspeed_config(settings))
-    step, samples_seen = 0, 0
+    step = 0
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:  # a restarted worker group: continue from the latest checkpoint, not from step 0
         with checkpoint.as_directory() as directory:
@@ -148,7 +148,6 @@ def train_func(config: dict) -> None:
             engine.step()
             window_loss += loss.item()
             window_n += 1
-            samples_seen += batch["input_ids"].shape[0] * world
         step += 1
         metrics = {}
         if step % settings.eval_every == 0 or step == settings.max_steps:
