@@ -12,6 +12,8 @@ import os
 import sys
 import time
 
+from orchestrator.errors import SpecError
+
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -24,7 +26,7 @@ class InvalidInputError(Exception):
 
 def _emit(args: argparse.Namespace, payload: dict | list, text: str) -> None:
     """The command's result: one JSON document with --json, else text; always on the real stdout."""
-    print(json.dumps(payload) if args.json else text, file=args.out, flush=True)
+    print(json.dumps(payload) if args.json else text, file=args.stdout, flush=True)
 
 
 # ---------------------------------------------------------------------------------------------- quantize
@@ -32,6 +34,7 @@ def _emit(args: argparse.Namespace, payload: dict | list, text: str) -> None:
 
 def cmd_quantize(args: argparse.Namespace) -> int:
     from orchestrator.build import BuildInputError, BuildRequest, ensure_base, error_table
+    from orchestrator.run import work_dir
     from workers.model_source import open_model
     from workers.quant import QuantSpec
     from workers.quant_plan import QuantPlan
@@ -40,7 +43,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     try:
         spec = QuantSpec(args.quant, args.bits, args.group_size, args.scale_dtype)
         plan = QuantPlan(spec, first_layers=args.first_layers, first_bits=args.first_bits)
-        source = open_model(args.model, _local_work_dir(cache))
+        source = open_model(args.model, work_dir(cache))
     except (ValueError, FileNotFoundError) as exc:
         raise InvalidInputError(str(exc)) from exc
     request = BuildRequest(source, plan, method=args.method, rank=args.rank, iters=args.iters,
@@ -57,11 +60,6 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     text = "\n".join([error_table(result.manifest), "", *(f"{k}: {v}" for k, v in payload.items())])
     _emit(args, payload, text)
     return EXIT_OK
-
-
-def _local_work_dir(cache) -> str:
-    """Where built-in tiny models are materialized: beside a local cache, else in ~/.cache/loftune."""
-    return cache.root if cache.is_local else os.path.expanduser("~/.cache/loftune")
 
 
 def _open_cache(uri: str | None):
@@ -128,6 +126,154 @@ def _cache_gc(cache, args) -> int:
 CACHE_COMMANDS = {"ls": _cache_ls, "show": _cache_show, "verify": _cache_verify, "rm": _cache_rm, "gc": _cache_gc}
 
 
+
+# ------------------------------------------------------------------------------------- validate / run
+
+
+def _load(args: argparse.Namespace):
+    """The spec named on the command line, with its --set overrides (SpecError -> exit 2)."""
+    from orchestrator.spec import load_spec
+
+    return load_spec(args.spec, args.set)
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from orchestrator.cache import BaseCache
+    from orchestrator.plan import cluster_problems, local_cluster, make_plan
+    from orchestrator.run import check_task_data, work_dir
+
+    spec = _load(args)
+    plan = make_plan(spec, work_dir(BaseCache(spec.cache.uri)))
+    check_task_data(spec, plan)
+    problems = [] if args.address else cluster_problems(spec, local_cluster(spec), "this machine")
+    if problems:
+        raise SpecError(problems, args.spec)
+    payload = {"ok": True, "name": spec.name, "trials": len(plan.trials), "bases": len(plan.bases)}
+    _emit(args, payload, f"ok: {args.spec}: {len(plan.trials)} trial(s) on {len(plan.bases)} base(s)")
+    return EXIT_OK
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from orchestrator.run import default_run_dir, execute
+
+    spec = _load(args)
+    run_dir = args.out or default_run_dir(spec)
+    if args.dry_run:
+        return _dry_run(args, spec, run_dir)
+    summary = execute(spec, run_dir, address=args.address)
+    from orchestrator.results import format_table
+
+    text = "\n".join([format_table(summary.rows), "",
+                      f"run directory: {summary.run_dir}" + (" (resumed)" if summary.resumed else ""),
+                      f"bases built: {len(summary.built)}, found in the cache: {len(summary.cached)}"
+                      + (f", LoftQ factor sets added: {len(summary.factors)}" if summary.factors else ""),
+                      *(f"best {task}: {path}" for task, path in summary.best.items())])
+    _emit(args, summary.to_dict(), text)
+    if summary.failed:
+        print(f"loftune run: {len(summary.failed)} trial(s) did not finish: {', '.join(summary.failed)}",
+              file=sys.stderr)
+        return EXIT_FAILURE
+    return EXIT_OK
+
+
+def _dry_run(args: argparse.Namespace, spec, run_dir: str) -> int:
+    from orchestrator.cache import BaseCache
+    from orchestrator.plan import local_cluster, make_plan, max_concurrent
+    from orchestrator.run import SPEC_FILE, base_status, check_task_data, work_dir
+
+    cache = BaseCache(spec.cache.uri)
+    plan = make_plan(spec, work_dir(cache))
+    check_task_data(spec, plan)
+    bases = base_status(plan, cache)
+    trials = [t.to_dict() for t in plan.trials]
+    resumes = os.path.exists(os.path.join(run_dir, SPEC_FILE))
+    payload = {"run_dir": run_dir, "resumes": resumes, "trials": trials, "bases": bases}
+    lines = [f"run directory: {run_dir}" + (" (exists: the run resumes)" if resumes else ""),
+             f"cache: {cache.uri}", "", f"{len(bases)} base(s):"]
+    lines += [f"  {name}  [{status}]" for name, status in bases.items()]
+    lines += ["", f"{len(trials)} trial(s):"]
+    lines += [f"  {t['id']}  on {t['base']}" for t in trials]
+    if not args.address:
+        lines += ["", f"embedded Ray: {max_concurrent(spec, local_cluster(spec))} trial(s) at a time"]
+    _emit(args, payload, "\n".join(lines))
+    return EXIT_OK
+
+
+def cmd_results(args: argparse.Namespace) -> int:
+    from orchestrator.cache import BaseCache
+    from orchestrator.results import format_table
+    from orchestrator.run import collect_results, read_run_spec
+
+    spec = read_run_spec(args.run_dir)
+    summary = collect_results(args.run_dir, spec, BaseCache(spec.cache.uri), export=False)
+    _emit(args, summary.to_dict(), format_table(summary.rows))
+    return EXIT_OK
+
+
+# ------------------------------------------------------------------------------ jobs on a Ray cluster
+
+
+def _client(address: str):
+    from ray.job_submission import JobSubmissionClient
+
+    try:
+        return JobSubmissionClient(address)
+    except (ConnectionError, ValueError, RuntimeError) as exc:
+        raise InvalidInputError(f"--address: cannot reach the Ray job server at {address}: {exc}") from None
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from orchestrator.submit import submit, validate_for_cluster
+
+    name = validate_for_cluster(args.spec, args.set)
+    job_id = submit(_client(args.address), args.spec, name, overrides=args.set, out=args.out,
+                    python=args.python, job_id=args.job_id)
+    _emit(args, {"job_id": job_id, "address": args.address},
+          f"submitted {job_id}\n  loftune status {job_id} --address {args.address}\n"
+          f"  loftune logs {job_id} --address {args.address} --follow")
+    return EXIT_OK
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    info = _job_call(args, lambda c: c.get_job_info(args.job_id))
+    payload = {"job_id": args.job_id, "status": str(info.status.value), "message": info.message,
+               "entrypoint": info.entrypoint, "start_time": info.start_time, "end_time": info.end_time}
+    _emit(args, payload, f"{args.job_id}: {payload['status']}" + (f" ({info.message})" if info.message else ""))
+    return EXIT_OK
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    if args.follow:
+        import asyncio
+
+        async def tail() -> None:
+            async for chunk in _job_call(args, lambda c: c.tail_job_logs(args.job_id)):
+                print(chunk, end="", file=args.stdout, flush=True)
+
+        asyncio.run(tail())
+        return EXIT_OK
+    logs = _job_call(args, lambda c: c.get_job_logs(args.job_id))
+    _emit(args, {"job_id": args.job_id, "logs": logs}, logs.rstrip("\n"))
+    return EXIT_OK
+
+
+def cmd_stop(args: argparse.Namespace) -> int:
+    stopped = _job_call(args, lambda c: c.stop_job(args.job_id))
+    _emit(args, {"job_id": args.job_id, "stopped": bool(stopped)},
+          f"{args.job_id}: {'stop requested' if stopped else 'not running'}")
+    return EXIT_OK
+
+
+def _job_call(args: argparse.Namespace, call):
+    """Call the job server; an unknown job id is invalid input (exit 2), not a traceback."""
+    client = _client(args.address)
+    try:
+        return call(client)
+    except RuntimeError as exc:
+        if "does not exist" in str(exc) or "404" in str(exc):
+            raise InvalidInputError(f"JOB_ID: no job {args.job_id!r} on {args.address}") from None
+        raise
+
 # ---------------------------------------------------------------------------------------------- parser
 
 
@@ -162,27 +308,84 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("key", nargs=None if needs_key else "?", default=None)
         _common(p)
     c.set_defaults(func=cmd_cache)
+
+    v = sub.add_parser("validate", help="check a job spec (and its plan) without running anything")
+    _spec_args(v)
+    v.add_argument("--address", default=None, help="Ray cluster address (default: check against this machine)")
+    _common(v, cache=False)
+    v.set_defaults(func=cmd_validate)
+
+    r = sub.add_parser("run", help="run (or resume) a job: build its bases, sweep its trials, report")
+    _spec_args(r)
+    r.add_argument("--out", default=None, help="run directory (default $LOFTUNE_RUNS/<name>, else runs/<name>)")
+    r.add_argument("--address", default=None, help="Ray cluster address, or 'auto' (default: embedded local Ray)")
+    r.add_argument("--dry-run", action="store_true", help="print the plan (trials, bases, cached or not) and stop")
+    _common(r, cache=False)
+    r.set_defaults(func=cmd_run)
+
+    s = sub.add_parser("submit", help="submit a job to a Ray cluster through its Job Submission API")
+    _spec_args(s)
+    s.add_argument("--address", required=True, help="the job server, e.g. http://HEAD:8265")
+    s.add_argument("--out", default=None, help="run directory on the cluster (default $LOFTUNE_RUNS/<name> there)")
+    s.add_argument("--python", default="python", help="the cluster's python that has loftune's dependencies")
+    s.add_argument("--job-id", default=None, help="submission id (default: generated by Ray)")
+    _common(s, cache=False)
+    s.set_defaults(func=cmd_submit)
+
+    for name, func, what in (("status", cmd_status, "a submitted job's status"),
+                             ("logs", cmd_logs, "a submitted job's logs"),
+                             ("stop", cmd_stop, "stop a submitted job")):
+        p = sub.add_parser(name, help=what)
+        p.add_argument("job_id", metavar="JOB_ID")
+        p.add_argument("--address", required=True, help="the job server, e.g. http://HEAD:8265")
+        if name == "logs":
+            p.add_argument("--follow", action="store_true", help="stream the logs until the job ends")
+        _common(p, cache=False)
+        p.set_defaults(func=func)
+
+    res = sub.add_parser("results", help="leaderboard and plots of a run directory (finished or not)")
+    res.add_argument("run_dir", metavar="RUN_DIR")
+    _common(res, cache=False)
+    res.set_defaults(func=cmd_results)
     return parser
 
 
-def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--cache", default=None, help="cache URI (default $LOFTUNE_CACHE, else ~/.cache/loftune)")
+def _spec_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("spec", metavar="SPEC", help="a YAML job spec")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a spec field, e.g. --set training.lr=1e-4 --set sweep.bits=[2,4] (repeatable)")
+
+
+def _common(p: argparse.ArgumentParser, cache: bool = True) -> None:
+    if cache:
+        p.add_argument("--cache", default=None, help="cache URI (default $LOFTUNE_CACHE, else ~/.cache/loftune)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # libraries log to stdout (DeepSpeed, Ray): keep stdout for the result alone, so --json output parses
-    args.out = sys.stdout
+    args.stdout = sys.stdout
     try:
         with contextlib.redirect_stdout(sys.stderr):
             return args.func(args)
     except InvalidInputError as exc:
         print(f"loftune {args.command}: {exc}", file=sys.stderr)
         return EXIT_INVALID
+    except SpecError as exc:  # every problem of a spec, each naming its field
+        source = getattr(args, "spec", None) if exc.source == "spec" else exc.source
+        print(f"loftune {args.command}: {exc.describe(source or exc.source)}", file=sys.stderr)
+        return EXIT_INVALID
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        print("interrupted (run the same command again to resume)", file=sys.stderr)
         return EXIT_FAILURE
+    except Exception as exc:  # failures with a clear cause get one line, not a traceback; bugs keep theirs
+        from orchestrator.cache import CacheError
+
+        if isinstance(exc, CacheError | ConnectionError):
+            print(f"loftune {args.command}: {type(exc).__name__}: {exc}", file=sys.stderr)
+            return EXIT_FAILURE
+        raise
 
 
 if __name__ == "__main__":

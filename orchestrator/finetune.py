@@ -27,8 +27,11 @@ class Resources:
 
 
 def make_trainer(job: JobConfig, resources: Resources, storage_path: str, name: str,
-                 max_failures: int = 2) -> TorchTrainer:
-    """The TorchTrainer of one job (gloo on CPUs, NCCL on GPUs)."""
+                 max_failures: int = 2, callbacks: list | None = None) -> TorchTrainer:
+    """The TorchTrainer of one job (gloo on CPUs, NCCL on GPUs).
+
+    A run with the same `name` under `storage_path` continues from that run's latest checkpoint.
+    """
     use_gpu = resources.gpus_per_worker > 0
     per_worker = {"CPU": resources.cpus_per_worker}
     if use_gpu:
@@ -42,6 +45,7 @@ def make_trainer(job: JobConfig, resources: Resources, storage_path: str, name: 
             name=name, storage_path=os.path.abspath(storage_path),
             failure_config=FailureConfig(max_failures=max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
+            callbacks=callbacks or [],
         ),
     )
 

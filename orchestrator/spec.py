@@ -10,6 +10,7 @@ problem with its dotted path (`sweep.bits[2]: expected one of [2, 3, 4], got 8`)
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -17,21 +18,14 @@ from typing import Any
 
 import yaml
 
+from orchestrator.errors import SpecError
 from workers.matrix_worker import METHODS
 from workers.quant import ALLOWED_BITS, SCALE_DTYPES
 from workers.train_settings import AdapterSettings, TrainSettings
 
+RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 SWEEP_MODES = ("grid", "random")
 SCHEDULERS = ("fifo", "asha")
-SWEEPABLE = ("bits", "rank", "group_size", "lr")
-
-
-class SpecError(ValueError):
-    """Every problem found in a job spec, one per line, each naming its dotted path."""
-
-    def __init__(self, problems: list[str], source: str = "spec"):
-        self.problems = problems
-        super().__init__(f"{source}: {len(problems)} problem(s)\n  " + "\n  ".join(problems))
 
 
 @dataclass(frozen=True)
@@ -98,17 +92,31 @@ class Cache:
 
 @dataclass(frozen=True)
 class Sweep:
+    """The search space and how Ray Tune explores it.
+
+    Each axis left out is not swept (the trial uses the `quantization:` / `training:` value); an axis given must
+    list at least one value. `training` sweeps any other field of `training:` (e.g. `warmup_steps: [0, 10]`).
+    Grid mode runs the full product of the axes `num_samples` times (new training seeds); random mode draws
+    `num_samples` points, one value per axis, and `lr_range: [low, high]` draws the learning rate log-uniformly.
+    """
+
     mode: str = "grid"
-    bits: list[int] = field(default_factory=list)
-    rank: list[int] = field(default_factory=list)
-    group_size: list[int] = field(default_factory=list)
-    lr: list[float] = field(default_factory=list)
+    bits: list[int] | None = None
+    rank: list[int] | None = None
+    group_size: list[int] | None = None
+    lr: list[float] | None = None
+    lr_range: list[float] | None = None
+    training: dict | None = None
     num_samples: int = 1
     scheduler: str = "fifo"
-    metric: str = "eval_accuracy"
-    metric_mode: str = "max"
-    max_concurrent_trials: int | None = None
+    grace_period: int | None = None  # asha: steps before a trial can be stopped (default: training.eval_every)
+    reduction_factor: int = 2  # asha: keep the best 1/reduction_factor at each rung
+    metric: str | None = None  # default per task type, see TASK_METRICS
+    metric_mode: str | None = None  # default: min for losses, perplexity and mse, else max
+    max_concurrent_trials: int | None = None  # default: as many as the cluster's CPUs / GPUs fit
     seed: int = 0
+
+    AXES = ("bits", "rank", "group_size", "lr")
 
     def problems(self, path: str, kind: str) -> list[str]:
         out = []
@@ -116,21 +124,72 @@ class Sweep:
             out.append(f"{path}.mode: expected one of {list(SWEEP_MODES)}, got {self.mode!r}")
         if self.scheduler not in SCHEDULERS:
             out.append(f"{path}.scheduler: expected one of {list(SCHEDULERS)}, got {self.scheduler!r}")
-        if self.metric_mode not in ("max", "min"):
+        if self.metric_mode not in (None, "max", "min"):
             out.append(f"{path}.metric_mode: expected 'max' or 'min', got {self.metric_mode!r}")
-        if self.num_samples < 1:
-            out.append(f"{path}.num_samples: expected an integer >= 1, got {self.num_samples}")
-        for i, bits in enumerate(self.bits):
+        for name in ("num_samples", "reduction_factor", "grace_period", "max_concurrent_trials"):
+            value, low = getattr(self, name), 2 if name == "reduction_factor" else 1
+            if value is not None and value < low:
+                out.append(f"{path}.{name}: expected an integer >= {low}, got {value}")
+        for name in (*self.AXES, "lr_range"):
+            if getattr(self, name) == []:
+                out.append(f"{path}.{name}: an empty list sweeps nothing; give at least one value or leave it out")
+        for i, bits in enumerate(self.bits or []):
             if kind in ALLOWED_BITS and bits not in ALLOWED_BITS[kind]:
                 out.append(f"{path}.bits[{i}]: {kind} supports {list(ALLOWED_BITS[kind])}, got {bits!r}")
         for name in ("rank", "group_size"):
-            for i, value in enumerate(getattr(self, name)):
+            for i, value in enumerate(getattr(self, name) or []):
                 if value < 1:
                     out.append(f"{path}.{name}[{i}]: expected an integer >= 1, got {value}")
-        for i, value in enumerate(self.lr):
+        for i, value in enumerate(self.lr or []):
             if not value > 0:
                 out.append(f"{path}.lr[{i}]: expected a learning rate > 0, got {value}")
+        out += self._lr_range_problems(path)
+        out += self._training_problems(path)
+        if self.mode == "random" and not self.axes():
+            out.append(f"{path}: mode 'random' needs at least one axis to sample (bits, rank, group_size, lr, "
+                       f"lr_range or training)")
         return out
+
+    def _lr_range_problems(self, path: str) -> list[str]:
+        if not self.lr_range:
+            return []
+        if self.mode != "random":
+            return [f"{path}.lr_range: only for mode 'random' (a grid needs the values: use {path}.lr)"]
+        if self.lr:
+            return [f"{path}.lr_range: give either lr (choices) or lr_range (log-uniform), not both"]
+        if len(self.lr_range) != 2 or not 0 < self.lr_range[0] < self.lr_range[1]:
+            return [f"{path}.lr_range: expected [low, high] with 0 < low < high, got {self.lr_range}"]
+        return []
+
+    def _training_problems(self, path: str) -> list[str]:
+        """`sweep.training`: each key a training field (not lr: that is its own axis), each value a non-empty list
+        of values that field accepts."""
+        out: list[str] = []
+        fields = {f.name for f in dataclasses.fields(TrainSettings)} - {"lr"}
+        for key, values in (self.training or {}).items():
+            where = f"{path}.training.{key}"
+            if key not in fields:
+                out.append(f"{where}: not a sweepable training field; valid keys: {sorted(fields)}"
+                           + (f" (sweep the learning rate with {path}.lr)" if key == "lr" else ""))
+            elif not isinstance(values, list) or not values:
+                out.append(f"{where}: expected a non-empty list of values, got {_type(values)} {values!r}")
+            else:
+                hint = typing.get_type_hints(TrainSettings)[key]
+                for i, value in enumerate(values):
+                    problems: list[str] = []
+                    converted = _convert(hint, value, f"{where}[{i}]", problems)
+                    if not problems:
+                        problems = [p.replace(f"training.{key}:", f"{where}[{i}]:") for p in
+                                    dataclasses.replace(TrainSettings(), **{key: converted}).problems()
+                                    if p.startswith(f"training.{key}:")]
+                    out += problems
+        return out
+
+    def axes(self) -> dict[str, list]:
+        """The swept axes: name -> values (`training` fields as 'training.<field>')."""
+        axes = {name: getattr(self, name) for name in self.AXES if getattr(self, name)}
+        axes.update({f"training.{k}": v for k, v in (self.training or {}).items()})
+        return axes
 
 
 @dataclass(frozen=True)
@@ -138,8 +197,7 @@ class Resources:
     workers_per_trial: int = 1
     cpus_per_worker: int = 1
     gpus_per_worker: int = 0
-    build_actors: int | None = None
-    max_concurrent_trials: int | None = None
+    build_actors: int | None = None  # default: one per GPU, else one per CPU
 
     def problems(self, path: str = "resources") -> list[str]:
         out = []
@@ -148,7 +206,25 @@ class Resources:
                 out.append(f"{path}.{name}: expected an integer >= 1, got {getattr(self, name)}")
         if self.gpus_per_worker < 0:
             out.append(f"{path}.gpus_per_worker: expected an integer >= 0, got {self.gpus_per_worker}")
+        if self.build_actors is not None and self.build_actors < 1:
+            out.append(f"{path}.build_actors: expected an integer >= 1, got {self.build_actors}")
         return out
+
+
+# What the training loop reports at each evaluation, per task type; the first is the default sweep metric.
+TASK_METRICS = {
+    "classification": ("eval_accuracy", "eval_macro_f1", "eval_mcc"),
+    "regression": ("eval_pearson", "eval_spearman", "eval_mse"),
+    "causal_lm": ("eval_perplexity", "eval_loss"),
+    "prompt_answer": ("eval_exact_match", "eval_perplexity", "eval_loss"),
+}
+LOWER_IS_BETTER = ("eval_loss", "eval_perplexity", "eval_mse", "loss")
+
+
+def metric_for(sweep: Sweep, task_type: str) -> tuple[str, str]:
+    """The metric a sweep ranks trials of this task type by, and 'max' or 'min'."""
+    metric = sweep.metric or TASK_METRICS[task_type][0]
+    return metric, sweep.metric_mode or ("min" if metric in LOWER_IS_BETTER else "max")
 
 
 SECTION_TYPES: dict[str, Any] = {
@@ -189,6 +265,11 @@ def _convert(hint: Any, value: Any, path: str, problems: list[str]) -> Any:
             return None
         inner = [a for a in args if a is not type(None)]
         return _convert(inner[0], value, path, problems)
+    if origin is dict or hint is dict:
+        if not isinstance(value, dict):
+            problems.append(f"{path}: expected a mapping, got {_type(value)}")
+            return _INVALID
+        return value
     if origin is list:
         if not isinstance(value, list):
             problems.append(f"{path}: expected a list, got {_type(value)}")
@@ -232,6 +313,15 @@ class JobSpec:
     sweep: Sweep
     resources: Resources
     cache: Cache
+
+
+def spec_to_dict(spec: JobSpec) -> dict:
+    """The resolved spec as plain YAML-able data (every default filled in); `build_spec` reads it back."""
+    import json
+
+    data = json.loads(json.dumps(dataclasses.asdict(spec)))  # tuples -> lists
+    data["adapter"].pop("rank")  # the adapter's rank is quantization.rank (or the sweep's)
+    return {key: data[key] for key in TOP_KEYS}
 
 
 TOP_KEYS = ("name", "model", "quantization", "cache", "tasks", "training", "adapter", "sweep", "resources")
@@ -280,6 +370,9 @@ def build_spec(data: dict, problems: list[str]) -> JobSpec | None:
     for key in ("name", "model"):
         if not isinstance(data.get(key), str) or not data.get(key):
             problems.append(f"{key}: expected a non-empty string, got {_type(data.get(key))}")
+    if isinstance(data.get("name"), str) and data["name"] and not RUN_NAME.fullmatch(data["name"]):
+        problems.append(f"name: expected letters, digits, '.', '_' or '-' (it names the run directory), "
+                        f"got {data['name']!r}")
     sections = {k: build_typed(cls, data.get(k), k, problems) for k, cls in SECTION_TYPES.items()}
     tasks_raw = data.get("tasks")
     tasks = []
@@ -300,9 +393,32 @@ def build_spec(data: dict, problems: list[str]) -> JobSpec | None:
                     ["adapter.rank: set the rank in quantization.rank (LoftQ's rank is the adapter's rank)"])
     problems.extend(sweep.problems("sweep", q.kind))
     problems.extend(sections["resources"].problems())
+    problems.extend(_cross_field_problems(data, q, sweep, tasks))
     if problems:
         return None
+    if "init" not in (data.get("adapter") or {}):  # start from LoftQ factors exactly when the base stores them
+        init = "qlora" if q.method == "qlora" or q.iters == 0 else "loftq"
+        sections["adapter"] = dataclasses.replace(sections["adapter"], init=init)
     return JobSpec(name=data["name"], model=data["model"], tasks=tasks, **sections)
+
+
+def _cross_field_problems(data: dict, q: Quantization, sweep: Sweep, tasks: list) -> list[str]:
+    """Rules that span sections (those that need the model or the cluster are checked by the planner)."""
+    out = []
+    if sweep.metric is not None:
+        for i, task in enumerate(tasks):
+            reported = TASK_METRICS.get(task.type)
+            if reported and sweep.metric not in (*reported, "loss"):
+                out.append(f"sweep.metric: {sweep.metric!r} is not reported by tasks[{i}] ({task.type}); "
+                           f"expected one of {[*reported, 'loss']}")
+    names = [task.name for task in tasks]
+    for name in sorted({n for n in names if names.count(n) > 1}):
+        out.append(f"tasks: the name {name!r} is used twice; task names must be unique (they name the results)")
+    init = (data.get("adapter") or {}).get("init")
+    if init == "loftq" and (q.method == "qlora" or q.iters == 0):
+        out.append(f"adapter.init: 'loftq' starts from LoftQ factors, but quantization.method {q.method!r} with "
+                   f"iters {q.iters} stores none; use init 'qlora' or method 'loftq' with iters >= 1")
+    return out
 
 
 def load_spec(path: str, overrides: list[str] | None = None) -> JobSpec:

@@ -177,7 +177,28 @@ def materialize_tiny(name: str, root: str) -> ModelSource:
             import shutil
 
             shutil.rmtree(tmp, ignore_errors=True)
+    if config["vocab_size"] == MINILM_VOCAB:
+        _add_minilm_tokenizer(path)
     return ModelSource(path, name=name, config_fingerprint=fingerprint)
+
+
+MINILM_VOCAB = 30522
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json")
+
+
+def _add_minilm_tokenizer(path: str) -> None:
+    """Give a tiny model sized for MiniLM's vocabulary that tokenizer, so a spec can train it on real text."""
+    import shutil
+
+    try:
+        source = minilm_path()
+    except FileNotFoundError:
+        return  # no tokenizer to lend: the model still builds and quantizes
+    for name in TOKENIZER_FILES:
+        target = os.path.join(path, name)
+        if os.path.isfile(os.path.join(source, name)) and not os.path.isfile(target):
+            shutil.copyfile(os.path.join(source, name), target + ".tmp")
+            os.replace(target + ".tmp", target)
 
 
 def minilm_path() -> str:

@@ -1,0 +1,242 @@
+"""Plan a job: expand the sweep into trials and work out the distinct quantized bases they need.
+
+    spec -> sweep points (grid product or seeded random draws) x tasks -> trials
+         -> one BuildRequest per trial -> distinct cache entries, and the builds that make them
+
+A base depends on bits and group size, and on the rank only when LoftQ alternates (iters > 1): with
+iters <= 1 all ranks share one entry, and each rank adds only its LoftQ factors. Checks that need the
+model (a group size that does not divide a target layer, a rank larger than a layer allows) or the cluster
+(more workers than it has) are made here, before any work, and name the spec field that caused them.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import os
+import random
+import re
+from dataclasses import asdict, dataclass, replace
+
+from orchestrator.build import BuildRequest
+from orchestrator.spec import JobSpec, Quantization, SpecError
+from workers.model_source import ModelSource, open_model
+from workers.quant import QuantSpec
+from workers.quant_plan import Override, QuantPlan
+from workers.train_settings import AdapterSettings, TrainSettings
+
+TRIAL_DRIVER_CPUS = 1  # Ray Tune runs each trial's driver in an actor of its own (0 CPUs is refused)
+
+
+@dataclass(frozen=True)
+class Trial:
+    """One fine-tuning run of the sweep: a point of the search space on one task, and the base it trains on."""
+
+    id: str  # readable and unique, e.g. "sentiment-nf2-g64-r8-lr0.001"; names its Tune and Train folders
+    task: str
+    bits: int
+    group_size: int
+    rank: int
+    lr: float
+    seed: int  # training seed (grid repeats and random draws get their own)
+    training: dict  # other swept training fields, e.g. {"warmup_steps": 10}
+    base: str  # the cache entry it trains on
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Trial:
+        return cls(**data)
+
+
+@dataclass
+class Plan:
+    spec: JobSpec
+    source: ModelSource
+    trials: list[Trial]
+    builds: list[BuildRequest]  # one per distinct (entry, LoftQ factor rank), in the order trials need them
+
+    @property
+    def bases(self) -> list[str]:
+        """The distinct cache entries the trials train on."""
+        return list(dict.fromkeys(t.base for t in self.trials))
+
+    def trials_for(self, task: str) -> list[Trial]:
+        return [t for t in self.trials if t.task == task]
+
+    def training_for(self, trial: Trial) -> TrainSettings:
+        return replace(self.spec.training, lr=trial.lr, seed=trial.seed, **trial.training)
+
+    def adapter_for(self, trial: Trial) -> AdapterSettings:
+        return replace(self.spec.adapter, rank=trial.rank)
+
+
+# ---------------------------------------------------------------------------------------------- the sweep
+
+
+def sweep_points(spec: JobSpec) -> list[dict]:
+    """Every point of the search space: {bits, group_size, rank, lr, seed, training: {...}}, plus `where`,
+    the spec path each swept value came from (for error messages)."""
+    sweep, q, training = spec.sweep, spec.quantization, spec.training
+    base = {"bits": q.bits, "group_size": q.group_size, "rank": q.rank, "lr": training.lr}
+    axes = sweep.axes()
+    points = []
+    if sweep.mode == "grid":
+        names = list(axes)
+        for k in range(sweep.num_samples):
+            for combo in itertools.product(*(list(enumerate(axes[n])) for n in names)):
+                values = {n: v for n, (_, v) in zip(names, combo, strict=True)}
+                where = {n: f"sweep.{n}[{i}]" for n, (i, _) in zip(names, combo, strict=True)}
+                points.append(_point(base, values, where, training.seed + k))
+    else:
+        rng = random.Random(sweep.seed)
+        for k in range(sweep.num_samples):
+            picks = {n: rng.randrange(len(v)) for n, v in axes.items()}
+            values = {n: axes[n][i] for n, i in picks.items()}
+            where = {n: f"sweep.{n}[{i}]" for n, i in picks.items()}
+            if sweep.lr_range:
+                low, high = (math.log(x) for x in sweep.lr_range)
+                values["lr"] = float(f"{math.exp(rng.uniform(low, high)):.3g}")
+                where["lr"] = "sweep.lr_range"
+            points.append(_point(base, values, where, training.seed + k))
+    return points
+
+
+def _point(base: dict, values: dict, where: dict, seed: int) -> dict:
+    point = {**base, "seed": seed, "training": {}, "where": where}
+    for name, value in values.items():
+        if name.startswith("training."):
+            point["training"][name.removeprefix("training.")] = value
+        else:
+            point[name] = value
+    return point
+
+
+def trial_id(task: str, point: dict, quant_label: str, repeated: bool) -> str:
+    extra = "".join(f"-{_short(k)}{v}" for k, v in sorted(point["training"].items()))
+    seed = f"-s{point['seed']}" if repeated else ""
+    text = f"{task}-{quant_label}-r{point['rank']}-lr{point['lr']:g}{extra}{seed}"
+    return re.sub(r"[^A-Za-z0-9._-]", "_", text)
+
+
+def _short(field: str) -> str:
+    """'warmup_steps' -> 'ws': keeps trial ids readable when training fields are swept."""
+    return "".join(part[0] for part in field.split("_"))
+
+
+# --------------------------------------------------------------------------------------------- planning
+
+
+def quant_plan(q: Quantization, bits: int, group_size: int) -> QuantPlan:
+    """The QuantPlan of one sweep point (the spec's mixed-precision plan and overrides kept)."""
+    spec = QuantSpec(q.kind, bits, group_size, q.scale_dtype)
+    overrides = tuple(Override(o.pattern, o.bits, o.group_size) for o in q.overrides)
+    mixed = q.mixed
+    return QuantPlan(spec, first_layers=mixed.first_layers if mixed else 0, first_bits=mixed.bits if mixed else None,
+                     overrides=overrides)
+
+
+def make_plan(spec: JobSpec, work_dir: str) -> Plan:
+    """Expand the sweep into trials and their bases; raises SpecError listing every problem at once."""
+    try:
+        source = open_model(spec.model, work_dir)
+        targets = source.select_targets(spec.quantization.targets)
+    except (FileNotFoundError, ValueError) as exc:
+        raise SpecError([str(exc) if str(exc).startswith("model") else f"model: {exc}"]) from None
+    if not targets:
+        raise SpecError([f"quantization.targets: {spec.quantization.targets} match no linear layer of {source.name}"])
+    shapes = {m: tuple(source.tensors[m + ".weight"].shape) for m in targets}
+    q = spec.quantization
+    points = sweep_points(spec)
+    problems: list[str] = []
+    for point in points:
+        problems += _point_problems(q, point, shapes)
+    if problems:
+        raise SpecError(list(dict.fromkeys(problems)))
+    repeated = spec.sweep.mode == "random" or spec.sweep.num_samples > 1
+    trials, builds = [], {}
+    for task in spec.tasks:
+        for point in points:
+            qp = quant_plan(q, point["bits"], point["group_size"])
+            request = BuildRequest(source, qp, method=q.method, rank=point["rank"], iters=q.iters,
+                                   targets=tuple(q.targets))
+            name = request.key().name
+            builds.setdefault((name, point["rank"] if request.stores_factors else None), request)
+            trials.append(Trial(id=trial_id(task.name, point, qp.label, repeated), task=task.name,
+                                bits=point["bits"], group_size=point["group_size"], rank=point["rank"],
+                                lr=point["lr"], seed=point["seed"], training=point["training"], base=name))
+    _check_unique([t.id for t in trials])
+    return Plan(spec, source, trials, list(builds.values()))
+
+
+def _point_problems(q: Quantization, point: dict, shapes: dict[str, tuple]) -> list[str]:
+    """Group sizes that do not divide a layer, ranks a layer cannot hold: each named by the field it came from."""
+    where = point["where"]
+    out = []
+    qp = quant_plan(q, point["bits"], point["group_size"])
+    for problem in qp.problems(shapes):
+        field = where.get("group_size", "quantization.group_size")
+        out.append(f"{field}: {problem}")
+    if out:
+        return out[:3]  # the first few layers say it; every other layer of the model would repeat it
+    rank_field = where.get("rank", "quantization.rank")
+    for module, (rows, cols) in shapes.items():
+        columns = cols // qp.spec_for(module).group_size if q.method == "qalora" else cols
+        if point["rank"] > min(rows, columns):
+            what = f"in_features / group_size = {columns}" if q.method == "qalora" else f"shape {(rows, cols)}"
+            out.append(f"{rank_field}: rank {point['rank']} exceeds what {module} can hold ({what})")
+            break
+    return out
+
+
+def _check_unique(ids: list[str]) -> None:
+    seen = {i for i in ids if ids.count(i) > 1}
+    if seen:  # only two identical sweep values can do this (e.g. sweep.rank: [8, 8])
+        raise SpecError([f"sweep: trials {sorted(seen)} appear twice; remove the repeated sweep values"])
+
+
+# ---------------------------------------------------------------------------------------------- resources
+
+
+def trial_footprint(spec: JobSpec) -> dict[str, float]:
+    """Logical resources one running trial holds: its workers plus Tune's trial driver."""
+    r = spec.resources
+    return {"CPU": r.workers_per_trial * r.cpus_per_worker + TRIAL_DRIVER_CPUS,
+            "GPU": r.workers_per_trial * r.gpus_per_worker}
+
+
+def cluster_problems(spec: JobSpec, cluster: dict[str, float], where: str) -> list[str]:
+    """A trial that cannot fit the cluster at all, named by the resources field (checked before any work)."""
+    r, need = spec.resources, trial_footprint(spec)
+    out = []
+    if need["CPU"] > cluster.get("CPU", 0):
+        out.append(f"resources.workers_per_trial: {r.workers_per_trial} workers x {r.cpus_per_worker} CPUs + "
+                   f"{TRIAL_DRIVER_CPUS} for the trial driver = {need['CPU']:g} CPUs, but {where} has "
+                   f"{cluster.get('CPU', 0):g}")
+    if need["GPU"] > cluster.get("GPU", 0):
+        out.append(f"resources.gpus_per_worker: {r.workers_per_trial} workers x {r.gpus_per_worker} GPUs = "
+                   f"{need['GPU']:g} GPUs, but {where} has {cluster.get('GPU', 0):g}")
+    return out
+
+
+def max_concurrent(spec: JobSpec, cluster: dict[str, float]) -> int:
+    """How many trials run at once: as many as the cluster fits, capped by sweep.max_concurrent_trials."""
+    need = trial_footprint(spec)
+    fits = min(int(cluster.get(k, 0) // v) for k, v in need.items() if v > 0)
+    cap = spec.sweep.max_concurrent_trials
+    return max(1, min(fits, cap) if cap else fits)
+
+
+def local_cluster(spec: JobSpec) -> dict[str, float]:
+    """The embedded Ray's logical resources: this machine's CPUs and GPUs, plus one CPU per concurrent trial
+    driver (drivers only wait on their workers, so they need no core of their own)."""
+    import torch
+
+    cpus, gpus = os.cpu_count() or 1, torch.cuda.device_count()
+    r = spec.resources
+    per_trial = r.workers_per_trial * r.cpus_per_worker
+    trials = max(1, cpus // per_trial)
+    if spec.sweep.max_concurrent_trials:
+        trials = min(trials, spec.sweep.max_concurrent_trials)
+    return {"CPU": float(cpus + trials * TRIAL_DRIVER_CPUS), "GPU": float(gpus)}

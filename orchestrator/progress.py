@@ -1,0 +1,109 @@
+"""Live progress of a sweep on stderr: one bar over every trial's steps, and a table of trials whenever a
+trial starts, finishes, is stopped early or fails.
+
+The callback runs in the driver (Tune's controller loop). Tune pickles it into the experiment's state and
+brings it back on `Tuner.restore`, so it holds plain data only; the bar is made on first use.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+from ray import tune
+from tqdm import tqdm
+
+TABLE_EVERY_SECONDS = 60.0  # also reprint the table this often while trials run, for long trials
+
+
+class TrialProgress(tune.Callback):
+    """Step bar and trial table for the trials of one task."""
+
+    def __init__(self, task: str, max_steps: dict[str, int], metric: str):
+        self.task, self.max_steps, self.metric = task, max_steps, metric
+        self._rows: dict[str, dict] = {}
+        self._bar: tqdm | None = None
+        self._last_table = 0.0
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_bar": None, "_rows": {}}
+
+    # ------------------------------------------------------------------------------------- Tune hooks
+
+    def on_step_begin(self, iteration: int, trials: list, **info) -> None:
+        if self._bar is None:  # first step of this process: count what earlier runs finished
+            self._bar = tqdm(total=sum(self.max_steps.values()), desc=f"{self.task} steps", unit="step",
+                             file=sys.stderr, dynamic_ncols=True)
+            for trial in trials:
+                row = self._row(trial)
+                if trial.status == "TERMINATED":
+                    row["status"] = "done (earlier run)"
+                    self._advance(row, (trial.last_result or {}).get("step", row["max_steps"]))
+                    self._fill(row, trial.last_result or {})
+            self._print_table()
+        elif time.monotonic() - self._last_table > TABLE_EVERY_SECONDS:
+            self._print_table()
+
+    def on_trial_start(self, iteration: int, trials: list, trial, **info) -> None:
+        self._row(trial)["status"] = "running"
+        self._print_table()
+
+    def on_trial_result(self, iteration: int, trials: list, trial, result: dict, **info) -> None:
+        row = self._row(trial)
+        self._advance(row, result.get("step", row["step"]))
+        self._fill(row, result)
+        if self._bar is not None:
+            self._bar.set_postfix_str(self._counts())
+
+    def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
+        row = self._row(trial)
+        row["status"] = "done" if row["step"] >= row["max_steps"] else "stopped early"
+        self._print_table()
+
+    def on_trial_error(self, iteration: int, trials: list, trial, **info) -> None:
+        self._row(trial)["status"] = "failed"
+        self._print_table()
+
+    def on_experiment_end(self, trials: list, **info) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+    # ------------------------------------------------------------------------------------------ display
+
+    def _row(self, trial) -> dict:
+        trial_id = trial.config["trial"]["id"]
+        if trial_id not in self._rows:
+            self._rows[trial_id] = {"status": "pending", "step": 0, "max_steps": self.max_steps.get(trial_id, 0),
+                                    "loss": None, "metric": None}
+        return self._rows[trial_id]
+
+    def _advance(self, row: dict, step: int) -> None:
+        if self._bar is not None and step > row["step"]:
+            self._bar.update(step - row["step"])
+        row["step"] = max(row["step"], step)
+
+    def _fill(self, row: dict, result: dict) -> None:
+        if "loss" in result:
+            row["loss"] = result["loss"]
+        if self.metric in result:
+            row["metric"] = result[self.metric]
+
+    def _counts(self) -> str:
+        statuses = [r["status"] for r in self._rows.values()]
+        return ", ".join(f"{statuses.count(s)} {s}" for s in dict.fromkeys(statuses))
+
+    def _print_table(self) -> None:
+        self._last_table = time.monotonic()
+        width = max((len(t) for t in self._rows), default=5)
+        lines = [f"{'trial':<{width}}  {'status':<18} {'step':>11} {'loss':>8} {self.metric:>16}"]
+        for trial_id, r in sorted(self._rows.items()):
+            loss = f"{r['loss']:.4f}" if r["loss"] is not None else "-"
+            metric = f"{r['metric']:.4f}" if r["metric"] is not None else "-"
+            lines.append(f"{trial_id:<{width}}  {r['status']:<18} {r['step']:>5}/{r['max_steps']:<5} {loss:>8} "
+                         f"{metric:>16}")
+        text = "\n".join(lines)
+        if self._bar is not None:
+            self._bar.write(text, file=sys.stderr)
+        else:
+            print(text, file=sys.stderr)

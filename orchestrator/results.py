@@ -1,0 +1,181 @@
+"""A run's results, read back from its directory alone: trial records, the leaderboard, results.json.
+
+    <run_dir>/spec.yaml                        the resolved spec the run was started with
+    <run_dir>/tune/<task>/experiment_state-*   Tune's experiment state (trial statuses, as JSON)
+    <run_dir>/tune/<task>/<trial>/result.json  one JSON line per report of the trial (steps, loss, eval metrics)
+    <run_dir>/train/<trial>/checkpoint_*       the trial's Ray Train checkpoints (adapters and head)
+    <run_dir>/leaderboard.csv, results.json    written here; plots/ and best/ by plots.py and export_best.py
+
+Only JSON is read (Tune's experiment state keeps some fields pickled; those are never decoded here), so
+`loftune results` works without Ray, on a finished, running or interrupted run.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import json
+import os
+from dataclasses import dataclass, field, replace
+
+from orchestrator.plan import Trial
+from orchestrator.spec import JobSpec, metric_for
+from orchestrator.sweep import TUNE_DIR
+
+LEADERBOARD = "leaderboard.csv"
+RESULTS_JSON = "results.json"
+STATUS = {"TERMINATED": "done", "ERROR": "failed", "RUNNING": "incomplete", "PENDING": "pending",
+          "PAUSED": "incomplete"}
+
+
+@dataclass
+class TrialRecord:
+    """One trial as the run directory tells it."""
+
+    trial: Trial
+    status: str  # done | stopped early | failed | incomplete | pending
+    max_steps: int
+    history: list[dict] = field(default_factory=list)  # every report, in order
+
+    @property
+    def step(self) -> int:
+        return max((r.get("step", 0) for r in self.history), default=0)
+
+    @property
+    def final(self) -> dict:
+        """The latest value of every metric (evaluations are only in some reports)."""
+        out: dict = {}
+        for report in self.history:
+            out.update({k: v for k, v in report.items() if isinstance(v, int | float) and not isinstance(v, bool)})
+        return out
+
+    @property
+    def seconds(self) -> float:
+        return float(self.history[-1].get("time_total_s", 0.0)) if self.history else 0.0
+
+    @property
+    def checkpoint(self) -> str | None:
+        """The newest checkpoint folder this trial reported."""
+        paths = [r["checkpoint_path"] for r in self.history if r.get("checkpoint_path")]
+        return paths[-1] if paths else None
+
+
+def read_trials(run_dir: str, spec: JobSpec) -> list[TrialRecord]:
+    """Every trial of every task, from Tune's experiment state and each trial's result.json."""
+    records = []
+    for task in spec.tasks:
+        experiment = os.path.join(run_dir, TUNE_DIR, task.name)
+        for state in _trial_states(experiment):
+            trial = Trial.from_dict(state["config"]["trial"])
+            history = _read_jsonl(os.path.join(experiment, trial.id, "result.json"))
+            max_steps = replace(spec.training, **trial.training).max_steps
+            record = TrialRecord(trial, STATUS.get(state.get("status"), "pending"), max_steps, history)
+            if record.status == "done" and record.step < record.max_steps:
+                record.status = "stopped early"  # ASHA ended it; Tune calls that TERMINATED too
+            records.append(record)
+    return records
+
+
+def _trial_states(experiment: str) -> list[dict]:
+    """The trials' JSON states from the newest experiment_state file (pickled fields left encoded)."""
+    files = sorted(glob.glob(os.path.join(experiment, "experiment_state-*.json")))
+    if not files:
+        return []
+    with open(files[-1]) as f:
+        state = json.load(f)
+    return [json.loads(trial_json) for trial_json, _ in state.get("trial_data", [])]
+
+
+def _read_jsonl(path: str) -> list[dict]:
+    if not os.path.exists(path):
+        return []
+    rows = []
+    with open(path) as f:
+        for line in f:
+            line = line.strip()
+            if line:
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError:  # a line cut short by a crash: the rest is still good
+                    continue
+    return rows
+
+
+# ------------------------------------------------------------------------------------------- leaderboard
+
+
+def leaderboard(records: list[TrialRecord], spec: JobSpec) -> list[dict]:
+    """One row per trial, best first within each task (by the sweep metric)."""
+    rows = []
+    types = {t.name: t.type for t in spec.tasks}
+    for task in spec.tasks:
+        metric, mode = metric_for(spec.sweep, task.type)
+        task_records = [r for r in records if r.trial.task == task.name]
+        ranked = sorted(task_records, key=lambda r: _sort_key(r, metric, mode))
+        for place, r in enumerate(ranked, 1):
+            final = r.final
+            row = {"task": r.trial.task, "place": place, "trial": r.trial.id, "status": r.status,
+                   "bits": r.trial.bits, "group_size": r.trial.group_size, "rank": r.trial.rank, "lr": r.trial.lr,
+                   "metric": metric, "value": final.get(metric), "step": r.step, "max_steps": r.max_steps,
+                   "loss": final.get("loss"), "seconds": round(r.seconds, 1), "base": r.trial.base}
+            row.update({k: v for k, v in sorted(final.items()) if k.startswith("eval_") and k != metric})
+            row.update({f"training.{k}": v for k, v in r.trial.training.items()})
+            row["type"] = types[r.trial.task]
+            rows.append(row)
+    return rows
+
+
+def _sort_key(record: TrialRecord, metric: str, mode: str) -> tuple:
+    value = record.final.get(metric)
+    if value is None:
+        return (1, 0.0, record.trial.id)
+    return (0, -value if mode == "max" else value, record.trial.id)
+
+
+def best_records(records: list[TrialRecord], spec: JobSpec) -> dict[str, TrialRecord]:
+    """The best finished trial with a checkpoint, per task."""
+    best = {}
+    for task in spec.tasks:
+        metric, mode = metric_for(spec.sweep, task.type)
+        done = [r for r in records if r.trial.task == task.name and r.checkpoint and metric in r.final]
+        if done:
+            best[task.name] = min(done, key=lambda r: _sort_key(r, metric, mode))
+    return best
+
+
+def write_leaderboard(run_dir: str, rows: list[dict]) -> str:
+    """leaderboard.csv (every column any row has) and results.json; returns the CSV's path."""
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    path = os.path.join(run_dir, LEADERBOARD)
+    tmp = path + ".tmp"
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, path)
+    tmp = os.path.join(run_dir, RESULTS_JSON + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump({"leaderboard": rows}, f, indent=1)
+    os.replace(tmp, os.path.join(run_dir, RESULTS_JSON))
+    return path
+
+
+def format_table(rows: list[dict]) -> str:
+    """The leaderboard as an aligned text table."""
+    if not rows:
+        return "(no trials yet)"
+    columns = ["task", "place", "trial", "status", "bits", "group_size", "rank", "lr", "metric", "value", "step",
+               "loss", "seconds", "base"]
+    cells = [[_cell(row.get(c)) for c in columns] for row in rows]
+    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True))]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)) for r in cells]
+    return "\n".join(lines)
+
+
+def _cell(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)

