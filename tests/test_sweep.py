@@ -154,3 +154,18 @@ def test_an_interrupted_sweep_resumes_where_it_stopped(sweep, tmp_path):
     with open(os.path.join(run_dir, "tune", "sentiment", second, "result.json")) as f:
         resumed_from = json.loads(f.readline())["resumed_from"]
     assert resumed_from >= 4  # the second trial continued from its checkpoint, not from step 0
+
+
+def test_asha_stops_a_trial_that_falls_behind(sweep, tmp_path):
+    """Two sequential trials; the second, with a learning rate that wrecks the model, reaches ASHA's first rung
+    with a far worse loss than the first had there and is stopped before its last step."""
+    spec_data = {**SPEC, "name": "asha", "quantization": {**SPEC["quantization"], "bits": 4},
+                 "training": {**SPEC["training"], "warmup_steps": 0, "max_steps": 12},
+                 "sweep": {"lr": [1e-3, 30.0], "scheduler": "asha", "grace_period": 2, "metric": "loss",
+                           "max_concurrent_trials": 1}}
+    spec = write_spec(tmp_path / "job.yaml", spec_data, sweep["cache"])
+    proc = loftune("run", spec, "--out", str(tmp_path / "run"), "--json")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {r["lr"]: r for r in json.loads(proc.stdout)["leaderboard"]}
+    assert rows[1e-3]["status"] == "done" and rows[1e-3]["step"] == 12
+    assert rows[30.0]["status"] == "stopped early" and rows[30.0]["step"] < 12
