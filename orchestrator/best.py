@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from dataclasses import replace
 
 from safetensors.torch import load_file
 
@@ -34,7 +33,7 @@ def export_best(run_dir: str, spec: JobSpec, record: TrialRecord, cache: BaseCac
     trial = record.trial
     task = next(t for t in spec.tasks if t.name == trial.task)
     manifest = cache.show(trial.base)
-    adapter = replace(spec.adapter, rank=trial.rank)
+    adapter = trial.adapter_settings(spec.adapter)
     tensors = load_entry_tensors(cache, trial.base, rank=trial.rank if adapter.init == "loftq" else None)
     job = JobConfig(model_config=manifest["model"]["config"], base_ref=None,
                     adapter_kind="qalora" if manifest.get("method") == "qalora" else "lora", adapter=adapter,

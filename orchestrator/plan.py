@@ -45,6 +45,13 @@ class Trial:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def training_settings(self, base: TrainSettings) -> TrainSettings:
+        """The spec's training settings with this trial's learning rate, seed and swept fields."""
+        return replace(base, lr=self.lr, seed=self.seed, **self.training)
+
+    def adapter_settings(self, base: AdapterSettings) -> AdapterSettings:
+        return replace(base, rank=self.rank)
+
     @classmethod
     def from_dict(cls, data: dict) -> Trial:
         return cls(**data)
@@ -66,10 +73,7 @@ class Plan:
         return [t for t in self.trials if t.task == task]
 
     def training_for(self, trial: Trial) -> TrainSettings:
-        return replace(self.spec.training, lr=trial.lr, seed=trial.seed, **trial.training)
-
-    def adapter_for(self, trial: Trial) -> AdapterSettings:
-        return replace(self.spec.adapter, rank=trial.rank)
+        return trial.training_settings(self.spec.training)
 
 
 # ---------------------------------------------------------------------------------------------- the sweep

@@ -16,7 +16,7 @@ import csv
 import glob
 import json
 import os
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from orchestrator.plan import Trial
 from orchestrator.spec import JobSpec, metric_for
@@ -68,7 +68,7 @@ def read_trials(run_dir: str, spec: JobSpec) -> list[TrialRecord]:
         for state in _trial_states(experiment):
             trial = Trial.from_dict(state["config"]["trial"])
             history = _read_jsonl(os.path.join(experiment, trial.id, "result.json"))
-            max_steps = replace(spec.training, **trial.training).max_steps
+            max_steps = trial.training_settings(spec.training).max_steps
             record = TrialRecord(trial, STATUS.get(state.get("status"), "pending"), max_steps, history)
             if record.status == "done" and record.step < record.max_steps:
                 record.status = "stopped early"  # ASHA ended it; Tune calls that TERMINATED too

@@ -52,17 +52,14 @@ class TrialSettings:
 
 def run_trial(config: dict, settings: TrialSettings) -> None:
     """Tune function trainable: fine-tune one trial as a Ray Train job; its reports become Tune results."""
-    from dataclasses import replace
-
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from orchestrator.cache import BaseCache
     from orchestrator.finetune import Resources, job_config, make_trainer
 
     trial = Trial.from_dict(config["trial"])
-    training = replace(settings.training, lr=trial.lr, seed=trial.seed, **trial.training)
-    adapter = replace(settings.adapter, rank=trial.rank)
-    job = job_config(BaseCache(settings.cache_uri), trial.base, adapter=adapter, training=training, task=settings.task,
+    job = job_config(BaseCache(settings.cache_uri), trial.base, adapter=trial.adapter_settings(settings.adapter),
+                     training=trial.training_settings(settings.training), task=settings.task,
                      threads_per_worker=settings.cpus_per_worker)
     resources = Resources(settings.workers, settings.cpus_per_worker, settings.gpus_per_worker)
     trainer = make_trainer(job, resources, os.path.join(settings.run_dir, TRAIN_DIR), trial.id,
