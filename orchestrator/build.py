@@ -159,7 +159,10 @@ def _start_actors(actors: int | None, threads: int, n_jobs: int) -> list:
     if actors is None:
         actors = gpus or max(1, int(resources.get("CPU", 1)) // threads)
     actors = max(1, min(actors, n_jobs))
-    options = dict(num_cpus=threads, num_gpus=1 if gpus else 0, max_restarts=3, max_task_retries=3)
+    # SPREAD: one actor per node before two on any node, so a build uses every node's CPUs (or GPUs) and a
+    # lost node takes only its share of the actors (Ray restarts them elsewhere, their matrices are redone)
+    options = dict(num_cpus=threads, num_gpus=1 if gpus else 0, max_restarts=3, max_task_retries=3,
+                   scheduling_strategy="SPREAD")
     worker = ray.remote(MatrixWorker)
     return [worker.options(**options).remote(threads) for _ in range(actors)]
 
@@ -238,7 +241,8 @@ def _build_factors(request, manifest, cache, jobs, pool, bar, on_progress) -> di
 def _matrix_record(result: MatrixResult, shapes: dict, request: BuildRequest) -> dict:
     spec = request.plan.spec_for(result.module)
     return {"shape": list(shapes[result.module]), "quant": spec.name, "quant_error": result.quant_error,
-            "errors": result.errors, "seconds": round(result.seconds, 4), "device": result.device}
+            "errors": result.errors, "seconds": round(result.seconds, 4), "device": result.device,
+            "node": result.node}
 
 
 def _manifest_extra(request: BuildRequest, matrices: dict, seconds: float, has_factors: bool) -> dict:

@@ -25,7 +25,10 @@ from workers.quant import QuantSpec
 from workers.quant_plan import Override, QuantPlan
 from workers.train_settings import AdapterSettings, TrainSettings
 
-TRIAL_DRIVER_CPUS = 1  # Ray Tune runs each trial's driver in an actor of its own (0 CPUs is refused)
+# Ray Tune runs each trial's driver in an actor of its own. It only waits on its Ray Train workers, so it asks
+# for a sliver of a CPU (0 is refused): a whole CPU per driver could leave the workers none after a node is lost
+# (the drivers hold what is left, and Ray Train waits for workers forever).
+TRIAL_DRIVER_CPUS = 0.01
 
 
 @dataclass(frozen=True)
@@ -233,14 +236,11 @@ def max_concurrent(spec: JobSpec, cluster: dict[str, float]) -> int:
 
 
 def local_cluster(spec: JobSpec) -> dict[str, float]:
-    """The embedded Ray's logical resources: this machine's CPUs and GPUs, plus one CPU per concurrent trial
-    driver (drivers only wait on their workers, so they need no core of their own)."""
+    """The embedded Ray's logical resources: this machine's CPUs and GPUs, plus the slivers the concurrent
+    trials' drivers ask for (they only wait on their workers, so they need no core of their own)."""
     import torch
 
     cpus, gpus = os.cpu_count() or 1, torch.cuda.device_count()
     r = spec.resources
-    per_trial = r.workers_per_trial * r.cpus_per_worker
-    trials = max(1, cpus // per_trial)
-    if spec.sweep.max_concurrent_trials:
-        trials = min(trials, spec.sweep.max_concurrent_trials)
-    return {"CPU": float(cpus + trials * TRIAL_DRIVER_CPUS), "GPU": float(gpus)}
+    trials = max(1, cpus // (r.workers_per_trial * r.cpus_per_worker))
+    return {"CPU": cpus + trials * TRIAL_DRIVER_CPUS, "GPU": float(gpus)}

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 from dataclasses import dataclass, field
@@ -145,7 +146,7 @@ def connect_cluster(spec: JobSpec, address: str | None) -> dict[str, float]:
     if problems:
         raise SpecError(problems)
     if not address:
-        connect(None, num_cpus=int(cluster["CPU"]))
+        connect(None, num_cpus=math.ceil(cluster["CPU"]))
     return cluster
 
 

