@@ -1,0 +1,86 @@
+"""The best trial's export from its checkpoint: QA-LoRA folds into a merged quantized model that reproduces the
+trained model's outputs (the LoRA / PEFT route is covered end to end in tests/test_sweep.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+
+from orchestrator.best import export_best
+from orchestrator.build import ensure_base, load_entry_tensors
+from orchestrator.cache import BaseCache
+from orchestrator.plan import make_plan
+from orchestrator.results import TrialRecord
+from orchestrator.spec import load_spec
+from workers.surgery import apply_quantized_base
+from workers.train_loop import STATE_FILE, TRAINABLE_FILE, JobConfig, build_model
+
+pytestmark = pytest.mark.usefixtures("ray_session")
+
+
+@pytest.fixture
+def qalora_run(tmp_path):
+    """A planned QA-LoRA trial on the built-in tiny BERT, its base built, and a 'trained' checkpoint of it."""
+    data = tmp_path / "data.csv"
+    data.write_text("text,label\n" + "".join(f"w{i} x{i % 3},{'ab'[i % 2]}\n" for i in range(40)))
+    spec_path = tmp_path / "job.yaml"
+    spec_path.write_text(yaml.safe_dump({
+        "name": "qa", "model": "tiny-bert", "cache": {"uri": str(tmp_path / "cache")},
+        "quantization": {"kind": "int", "bits": 4, "group_size": 32, "method": "qalora", "rank": 4, "iters": 1,
+                         "scale_dtype": "float32"},
+        "tasks": [{"name": "t", "type": "classification", "train_file": str(data)}],
+        "training": {"max_steps": 5}}))
+    spec = load_spec(str(spec_path))
+    cache = BaseCache(spec.cache.uri)
+    plan = make_plan(spec, cache.root)
+    for request in plan.builds:
+        ensure_base(request, cache, progress=False)
+    trial = plan.trials[0]
+    manifest = cache.show(trial.base)
+    job = JobConfig(model_config=manifest["model"]["config"], base_ref=None, adapter_kind="qalora",
+                    adapter=trial.adapter_settings(spec.adapter), training=spec.training, task=spec.tasks[0],
+                    tokenizer_dir=manifest["model"]["path"])
+    model = build_model(job, load_entry_tensors(cache, trial.base, rank=trial.rank), num_labels=2).eval()
+    torch.manual_seed(3)
+    trained = {}
+    with torch.no_grad():  # stand-in for training: every trainable tensor moves away from its start
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.05)
+                trained[name] = p.detach().clone()
+    checkpoint = tmp_path / "checkpoint"
+    checkpoint.mkdir()
+    save_file(trained, str(checkpoint / TRAINABLE_FILE))
+    (checkpoint / STATE_FILE).write_text(json.dumps({"step": 5, "num_labels": 2}))
+    record = TrialRecord(trial, "done", 5, [{"step": 5, "eval_accuracy": 0.75, "checkpoint_path": str(checkpoint)}])
+    return spec, cache, record, model
+
+
+def test_qalora_best_trial_exports_a_merged_quantized_model(tmp_path, qalora_run):
+    spec, cache, record, trained_model = qalora_run
+    out = export_best(str(tmp_path / "run"), spec, record, cache)
+    merged_dir = os.path.join(out, "merged-quantized")
+    with open(os.path.join(merged_dir, "loftune.json")) as f:
+        provenance = json.load(f)
+    assert provenance["base"] == record.trial.base and provenance["merged"] == "qalora"
+    assert provenance["value"] == 0.75 and provenance["trial"]["id"] == record.trial.id
+    tensors = load_file(os.path.join(merged_dir, "model.safetensors"))
+    entry = load_entry_tensors(cache, record.trial.base)
+    codes = [k for k in entry if k.endswith(".qweight.codes")]
+    assert codes and all(torch.equal(tensors["bert." + k], entry[k]) for k in codes)  # same codes: still INT4
+    # a fresh model holding only the merged quantized weights (no adapters) gives the trained model's outputs
+    fresh = build_model(JobConfig(model_config=cache.show(record.trial.base)["model"]["config"], base_ref=None,
+                                  adapter_kind="qalora", adapter=record.trial.adapter_settings(spec.adapter),
+                                  training=spec.training, task=spec.tasks[0], tokenizer_dir=""),
+                        {k: v for k, v in entry.items() if ".qweight." not in k}, num_labels=2)
+    apply_quantized_base(fresh, tensors, rank=0)
+    fresh.eval()
+    ids = torch.randint(0, 512, (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.allclose(fresh(ids).logits, trained_model(ids).logits, atol=1e-4)
+    assert not os.path.exists(out + ".tmp")
