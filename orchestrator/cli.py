@@ -145,7 +145,15 @@ def cmd_validate(args: argparse.Namespace) -> int:
     spec = _load(args)
     plan = make_plan(spec, work_dir(BaseCache(spec.cache.uri)))
     check_task_data(spec, plan)
-    problems = [] if args.address else cluster_problems(spec, local_cluster(spec), "this machine")
+    if args.address:
+        import ray
+
+        from orchestrator.build import connect
+
+        connect(args.address)
+        problems = cluster_problems(spec, ray.cluster_resources(), f"the Ray cluster at {args.address}")
+    else:
+        problems = cluster_problems(spec, local_cluster(spec), "this machine")
     if problems:
         raise SpecError(problems, args.spec)
     payload = {"ok": True, "name": spec.name, "trials": len(plan.trials), "bases": len(plan.bases)}
@@ -311,7 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     v = sub.add_parser("validate", help="check a job spec (and its plan) without running anything")
     _spec_args(v)
-    v.add_argument("--address", default=None, help="Ray cluster address (default: check against this machine)")
+    v.add_argument("--address", default=None, help="check that a trial fits this Ray cluster (default: this machine)")
     _common(v, cache=False)
     v.set_defaults(func=cmd_validate)
 
