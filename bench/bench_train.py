@@ -29,21 +29,48 @@ def minilm_classifier() -> transformers.BertForSequenceClassification:
     return transformers.BertForSequenceClassification.from_pretrained(minilm_path(), num_labels=3)
 
 
-def quantized_classifier(spec: QuantSpec, method: str, iters: int, rank: int) -> torch.nn.Module:
-    """MiniLM classifier whose 36 encoder linears are quantized (QLoRA, LoftQ or QA-LoRA start); head trainable."""
-    model = minilm_classifier()
+def minilm_tensors() -> dict[str, torch.Tensor]:
+    """The pretrained MiniLM-L6 encoder tensors, named as in its model.safetensors (no 'bert.' prefix)."""
     with safe_open(os.path.join(minilm_path(), "model.safetensors"), "pt") as f:
-        tensors = {name: f.get_tensor(name) for name in f.keys()}
+        return {name: f.get_tensor(name) for name in f.keys()}
+
+
+def encoder_linears(model: transformers.BertForSequenceClassification) -> list[str]:
+    """The 36 encoder linears that get quantized (the pooler stays full precision, as in every row)."""
+    return [n for n, m in model.bert.named_modules() if isinstance(m, torch.nn.Linear) and "pooler" not in n]
+
+
+def quantized_base(spec: QuantSpec, method: str, iters: int, rank: int) -> dict[str, torch.Tensor]:
+    """MiniLM's tensors with every encoder linear replaced by its quantized parts (and LoftQ factors if iters > 0).
+
+    Deterministic (LoftQ's randomized SVD is seeded per matrix), so one base serves every seed of a row.
+    """
+    tensors = minilm_tensors()
     worker = MatrixWorker(torch.get_num_threads())
-    for name, module in model.bert.named_modules():
-        if isinstance(module, torch.nn.Linear) and "pooler" not in name:
-            job = MatrixJob(name, spec, rank, iters, method)
-            tensors.update(worker.quantize(job, tensors.pop(name + ".weight")).tensors)
+    for name in encoder_linears(minilm_classifier()):
+        job = MatrixJob(name, spec, rank, iters, method)
+        tensors.update(worker.quantize(job, tensors.pop(name + ".weight")).tensors)
+    return tensors
+
+
+def classifier_on_base(tensors: dict[str, torch.Tensor], method: str, iters: int, rank: int) -> torch.nn.Module:
+    """A fresh MiniLM classifier (new head, drawn from torch's global RNG) on a quantized base.
+
+    LoftQ rows (iters > 0) start from the entry's factors rescaled to alpha / rank = 2 (each divided by
+    sqrt(2), so 2 * B @ A is the LoftQ correction); QLoRA rows start from a Kaiming A and B = 0.
+    Only the adapters and the classification head train.
+    """
+    model = minilm_classifier()
     apply_quantized_base(model, tensors, rank=rank, alpha=2 * rank, adapter="qalora" if method == "qalora" else "lora",
                          init="loftq" if iters > 0 else "qlora", prefix="bert.")
     for name, p in model.named_parameters():
         p.requires_grad = name.endswith(("lora_A", "lora_B")) or name.startswith("classifier")
     return model
+
+
+def quantized_classifier(spec: QuantSpec, method: str, iters: int, rank: int) -> torch.nn.Module:
+    """MiniLM classifier whose 36 encoder linears are quantized (QLoRA, LoftQ or QA-LoRA start); head trainable."""
+    return classifier_on_base(quantized_base(spec, method, iters, rank), method, iters, rank)
 
 
 def quantized_model(spec: QuantSpec, rank: int) -> tuple[torch.nn.Module, int]:
@@ -57,7 +84,7 @@ def fp_lora_model(rank: int) -> tuple[torch.nn.Module, int]:
     from peft import LoraConfig, get_peft_model
 
     model = minilm_classifier()
-    targets = [n for n, m in model.bert.named_modules() if isinstance(m, torch.nn.Linear) and "pooler" not in n]
+    targets = encoder_linears(model)
     frozen = sum(m.weight.numel() * 2 for n, m in model.bert.named_modules() if n in targets)  # as fp16
     config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets, task_type="SEQ_CLS")
     return get_peft_model(model, config), frozen

@@ -74,3 +74,31 @@ def test_set_adapter_checks_shapes():
     layer = QuantLoraLinear(q, rank=4)
     with pytest.raises(ValueError, match="do not match"):
         layer.set_adapter(torch.zeros(4, 32), torch.zeros(16, 4))
+
+
+def test_bf16_forward_dequantizes_once_into_the_input_dtype():
+    """bf16 training (DeepSpeed casts parameters only): the base is the exact fp32 dequantization rounded once."""
+    layer, _ = layer_from_loftq(QuantSpec("nf", 2, 32, "float16"))
+    with torch.no_grad():  # a trained adapter, so both branches of the output matter
+        layer.lora_B.add_(torch.randn_like(layer.lora_B) * 0.05)
+    x = torch.randn(3, 5, 128)
+    want = layer(x)
+    for p in layer.parameters():  # what deepspeed's bf16 mode does to the module
+        p.data = p.data.to(torch.bfloat16)
+    assert layer.qscales.dtype == torch.float16
+    assert torch.equal(layer.dequantized_weight(torch.bfloat16), dequantize(layer.quantized).to(torch.bfloat16))
+    got = layer(x.to(torch.bfloat16))
+    assert got.dtype == torch.bfloat16
+    # bf16 keeps 8 significant bits: relative error of a 128-term dot product stays within a few 2^-8
+    assert ((got.float() - want).norm() / want.norm()).item() < 1e-2
+
+
+def test_module_casts_move_the_packed_base_but_keep_its_dtype():
+    layer, _ = layer_from_loftq(QuantSpec("int", 4, 32, "float16"))
+    before = {name: buf.clone() for name, buf in layer.named_buffers()}
+    layer.to(torch.bfloat16)
+    assert layer.lora_A.dtype == torch.bfloat16 and layer.bias.dtype == torch.bfloat16
+    for name, buf in layer.named_buffers():  # codes, fp16 scales and zero points: untouched, not rounded to bf16
+        assert buf.dtype == before[name].dtype and torch.equal(buf, before[name])
+    layer.float()
+    assert layer.lora_A.dtype == torch.float32 and layer.qscales.dtype == torch.float16

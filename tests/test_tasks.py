@@ -212,6 +212,8 @@ def test_causal_lm_labels_are_inputs_with_padding_masked(tmp_path, tokenizer):
     (dict(max_train_samples=0), "task.max_train_samples"),
     (dict(max_eval_samples=-1), "task.max_eval_samples"),
     (dict(csv_encoding="klingon"), "task.csv_encoding: unknown text encoding 'klingon'"),
+    (dict(max_new_tokens=0), "task.max_new_tokens: expected an integer >= 1, got 0"),
+    (dict(max_new_tokens=True), "task.max_new_tokens: expected an integer >= 1, got True"),
     (dict(type="regression", labels=["a", "b"]), "task.labels: only for classification"),
     (dict(labels=["a", "a"]), "task.labels: class names must be unique"),
     (dict(type="causal_lm", text_pair_column="b"), "task.text_pair_column: only for classification"),

@@ -7,6 +7,11 @@ DeepSpeed ZeRO-3 never partitions them) and dequantized on the fly in `forward`.
     qalora:  y = W~ x + b + s * B @ A @ pool_L(dropout(x))          A: [r, in / L]
 
 where pool_L averages x over the quantization groups of L inputs, s = alpha / r.
+
+Mixed precision: the base is dequantized straight into the input's dtype (one rounding of the exact fp32
+values, e.g. to bf16), and the packed buffers keep their stored dtype whatever the module is cast to
+(`.to(torch.bfloat16)` moves them between devices but does not round fp16 / fp32 scales and zero points to
+bf16). DeepSpeed's bf16 mode casts only parameters: the adapters and the bias.
 """
 
 from __future__ import annotations
@@ -55,6 +60,16 @@ class QuantLoraLinear(nn.Module):
     def quantized(self) -> QuantizedTensor:
         return QuantizedTensor(self.qcodes, self.qscales, self.qzeros, self.spec,
                                (self.out_features, self.in_features))
+
+    def _apply(self, fn, recurse=True):
+        """Module casts and moves: the packed base follows device moves only, never dtype casts (see above)."""
+        stored = {name: buf for name, buf in self._buffers.items() if buf is not None}
+        super()._apply(fn, recurse)
+        for name, before in stored.items():
+            after = self._buffers[name]
+            if after.dtype != before.dtype:
+                self._buffers[name] = before.to(after.device)
+        return self
 
     def set_adapter(self, lora_A: torch.Tensor, lora_B: torch.Tensor) -> None:
         """Load adapter factors (e.g. LoftQ's), checking their shapes."""

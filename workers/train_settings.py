@@ -6,6 +6,7 @@ fields (rank, alpha, dropout, init). `deepspeed_config` is the only place a Deep
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import asdict, dataclass
 
@@ -17,11 +18,23 @@ INITS = ("loftq", "qlora")
 
 @dataclass(frozen=True)
 class TrainSettings:
+    """The `training:` block of a job spec.
+
+    The length of training is `max_steps` optimizer steps, or `epochs` passes over the training set: with
+    `epochs` set, each worker derives max_steps = ceil(len(train) / (micro_batch_size * workers * grad_accum))
+    * epochs once the data is loaded (`with_epoch_steps`), and the LR schedule, evaluation and checkpoint
+    cadence follow that count. (Each worker drops its last incomplete micro batch of a pass, so a step near
+    the end of an epoch may take its examples from the next, reshuffled pass.) Giving both is reported by
+    `problems()` when max_steps differs from its default; a max_steps left at (or set to) the default 100 is
+    ignored in favour of epochs.
+    """
+
     zero_stage: int = 0
     precision: str = "fp32"
     micro_batch_size: int = 16
     grad_accum: int = 1
     max_steps: int = 100
+    epochs: int | None = None
     lr: float = 5e-4
     weight_decay: float = 0.0
     warmup_steps: int = 10
@@ -53,6 +66,12 @@ class TrainSettings:
                 out.append(f"{path}.{name}: expected a finite number >= 0, got {value!r}")
         if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
             out.append(f"{path}.warmup_steps: expected an integer >= 0, got {self.warmup_steps!r}")
+        if self.epochs is not None:
+            if isinstance(self.epochs, bool) or not isinstance(self.epochs, int) or self.epochs < 1:
+                out.append(f"{path}.epochs: expected an integer >= 1 or null, got {self.epochs!r}")
+            elif self.max_steps != DEFAULT_MAX_STEPS:
+                out.append(f"{path}.epochs: give max_steps or epochs, not both (max_steps is {self.max_steps!r}, "
+                           f"epochs {self.epochs})")
         return out
 
     def to_dict(self) -> dict:
@@ -81,6 +100,21 @@ class AdapterSettings:
         if self.init not in INITS:
             out.append(f"{path}.init: expected one of {list(INITS)}, got {self.init!r}")
         return out
+
+
+DEFAULT_MAX_STEPS = TrainSettings.max_steps
+
+
+def steps_per_epoch(num_train: int, settings: TrainSettings, world_size: int) -> int:
+    """Optimizer steps in one pass over `num_train` examples: every step takes micro_batch * workers * grad_accum."""
+    return max(1, math.ceil(num_train / (settings.micro_batch_size * world_size * settings.grad_accum)))
+
+
+def with_epoch_steps(settings: TrainSettings, num_train: int, world_size: int) -> TrainSettings:
+    """`settings` with max_steps derived from `epochs` (unchanged when epochs is not set)."""
+    if settings.epochs is None:
+        return settings
+    return dataclasses.replace(settings, max_steps=steps_per_epoch(num_train, settings, world_size) * settings.epochs)
 
 
 def deepspeed_config(settings: TrainSettings) -> dict:

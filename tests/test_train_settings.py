@@ -1,0 +1,43 @@
+"""Training settings: steps or epochs, their validation, and the LR schedule over a derived step count."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from workers.train_settings import TrainSettings, lr_multiplier, steps_per_epoch, with_epoch_steps
+
+
+@pytest.mark.parametrize("num_train,micro,world,accum,want", [
+    (96, 8, 2, 1, 6),     # divides evenly
+    (100, 8, 2, 1, 7),    # a last, partial global batch still counts as a step
+    (100, 4, 1, 5, 5),    # gradient accumulation: one step takes micro * accum examples
+    (3, 16, 2, 1, 1),     # fewer examples than one global batch: still one step
+])
+def test_steps_per_epoch_is_the_ceiling_of_train_over_the_global_batch(num_train, micro, world, accum, want):
+    settings = TrainSettings(micro_batch_size=micro, grad_accum=accum)
+    assert steps_per_epoch(num_train, settings, world) == want
+
+
+def test_epochs_set_max_steps_and_the_schedule_follows():
+    settings = TrainSettings(epochs=3, micro_batch_size=8, warmup_steps=2, schedule="linear")
+    derived = with_epoch_steps(settings, num_train=100, world_size=2)
+    assert derived.max_steps == 7 * 3 and derived.epochs == 3
+    # linear decay reaches 0 exactly at the derived end, not at the default max_steps of 100
+    assert lr_multiplier(derived, derived.max_steps) == 0.0 < lr_multiplier(derived, derived.max_steps - 1)
+    assert with_epoch_steps(TrainSettings(max_steps=40), 100, 2).max_steps == 40  # no epochs: unchanged
+
+
+@pytest.mark.parametrize("changes,needle", [
+    (dict(epochs=0), "training.epochs: expected an integer >= 1 or null, got 0"),
+    (dict(epochs=True), "training.epochs: expected an integer >= 1 or null, got True"),
+    (dict(epochs=2.5), "training.epochs: expected an integer >= 1 or null, got 2.5"),
+    (dict(epochs=2, max_steps=500), "training.epochs: give max_steps or epochs, not both (max_steps is 500, epochs 2)"),
+])
+def test_bad_epochs_are_named(changes, needle):
+    assert needle in dataclasses.replace(TrainSettings(), **changes).problems()
+
+
+def test_epochs_alone_or_max_steps_alone_are_valid():
+    assert TrainSettings(epochs=2).problems() == [] and TrainSettings(max_steps=500).problems() == []
