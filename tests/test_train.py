@@ -205,3 +205,14 @@ def test_resume_restores_the_optimizer_and_continues_exactly(bf16_run, tmp_path)
     with resumed.checkpoint.as_directory() as directory:
         got = load_file(os.path.join(directory, TRAINABLE_FILE))
     assert max((want[k] - got[k]).abs().max().item() for k in want) <= 1e-6
+
+
+def test_resume_from_the_final_checkpoint_reports_what_the_run_finished_with(bf16_run, tmp_path):
+    """A run restarted after its last checkpoint trains nothing and reports the saved final metrics once."""
+    job, result, checkpoints = bf16_run
+    again = make_trainer(dataclasses.replace(job, resume_from=checkpoints[12]), Resources(workers=2),
+                         str(tmp_path), "finished").fit()
+    assert again.error is None
+    assert again.metrics["step"] == again.metrics["resumed_from"] == 12
+    assert again.metrics["eval_accuracy"] == result.metrics["eval_accuracy"]
+    assert again.metrics["loss"] == result.metrics["loss"]

@@ -282,36 +282,43 @@ def train_func(config: dict) -> None:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_multiplier(settings, step))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=deepspeed_config(settings))
-    step = _resume(engine, scheduler, job.resume_from)
-    _train(engine, scheduler, data, tokenizer, job, settings, step, rank, world)
+    step, saved_metrics = _resume(engine, scheduler, job.resume_from)
+    if step >= settings.max_steps:
+        # a run restarted after its final checkpoint: report what it finished with (again as the latest
+        # checkpoint, which is what a Result holds), so a Tune trial that missed the final report records it
+        _report_checkpoint(engine, step, {**saved_metrics, "max_steps": settings.max_steps}, step, data)
+    else:
+        _train(engine, scheduler, data, tokenizer, job, settings, step, rank, world)
     # Ray Train destroys the group only for multi-worker groups; an undestroyed group made one run in three
     # abort at exit. Every collective is done: the last report above is a barrier across workers.
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
 
 
-def _resume(engine, scheduler, resume_from: str | None) -> int:
-    """Restore the latest checkpoint (Ray Train's after a restart, else `resume_from`); the step to continue at."""
+def _resume(engine, scheduler, resume_from: str | None) -> tuple[int, dict]:
+    """Restore the latest checkpoint (Ray Train's after a restart, else `resume_from`).
+
+    Returns the step to continue at and the metrics saved with that checkpoint.
+    """
     import ray.train
 
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None and resume_from is None:
-        return 0
+        return 0, {}
     if checkpoint is not None:  # a restarted worker group: continue from the latest checkpoint, not from step 0
         with checkpoint.as_directory() as directory:
-            step = load_checkpoint(directory, engine)["step"]
+            state = load_checkpoint(directory, engine)
     else:
-        step = load_checkpoint(resume_from, engine)["step"]
-    for _ in range(step):
+        state = load_checkpoint(resume_from, engine)
+    for _ in range(state["step"]):
         scheduler.step()
-    return step
+    return state["step"], state.get("metrics", {})
 
 
 def _train(engine, scheduler, data, tokenizer, job: JobConfig, settings: TrainSettings, step: int, rank: int,
            world: int) -> None:
     """Optimizer steps from `step` to settings.max_steps, with reports, evaluations and checkpoints."""
     import ray.train
-    from ray.train import Checkpoint
 
     resumed_from = step
     loader = _loader(data.train, data.collate, settings, rank, world, epoch_seed=settings.seed)
@@ -340,14 +347,22 @@ def _train(engine, scheduler, data, tokenizer, job: JobConfig, settings: TrainSe
                            samples_per_s=window_n * settings.micro_batch_size * world / max(elapsed, 1e-9))
             window_start, window_loss, window_n = time.perf_counter(), 0.0, 0
         if step % settings.checkpoint_every == 0 or last:
-            with tempfile.TemporaryDirectory() as directory:
-                save_checkpoint(directory, engine, _checkpoint_state(step, metrics, data))
-                torch.distributed.barrier()
-                # every rank reports its own files (its optimizer partition); Ray Train merges them into one
-                ray.train.report({**metrics, "step": step, "resumed_from": resumed_from},
-                                 checkpoint=Checkpoint.from_directory(directory))
+            _report_checkpoint(engine, step, metrics, resumed_from, data)
         elif metrics:
             ray.train.report(metrics)
+
+
+def _report_checkpoint(engine, step: int, metrics: dict, resumed_from: int, data) -> None:
+    """Save a checkpoint on every rank and report it with the metrics (all ranks must call this)."""
+    import ray.train
+    from ray.train import Checkpoint
+
+    with tempfile.TemporaryDirectory() as directory:
+        save_checkpoint(directory, engine, _checkpoint_state(step, metrics, data))
+        torch.distributed.barrier()
+        # every rank reports its own files (its optimizer partition); Ray Train merges them into one
+        ray.train.report({**metrics, "step": step, "resumed_from": resumed_from},
+                         checkpoint=Checkpoint.from_directory(directory))
 
 
 def _checkpoint_state(step: int, metrics: dict, data) -> dict:
