@@ -52,8 +52,6 @@ class TrialProgress(tune.Callback):
         row = self._row(trial)
         self._advance(row, result.get("step", row["step"]))
         self._fill(row, result)
-        if self._bar is not None:
-            self._bar.set_postfix_str(self._counts())
 
     def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
         row = self._row(trial)
@@ -94,6 +92,7 @@ class TrialProgress(tune.Callback):
         return ", ".join(f"{statuses.count(s)} {s}" for s in dict.fromkeys(statuses))
 
     def _print_table(self) -> None:
+        """Print the trial table above the bar (and show the status counts beside it)."""
         self._last_table = time.monotonic()
         width = max((len(t) for t in self._rows), default=5)
         lines = [f"{'trial':<{width}}  {'status':<18} {'step':>11} {'loss':>8} {self.metric:>16}"]
@@ -104,6 +103,7 @@ class TrialProgress(tune.Callback):
                          f"{metric:>16}")
         text = "\n".join(lines)
         if self._bar is not None:
+            self._bar.set_postfix_str(self._counts(), refresh=False)
             self._bar.write(text, file=sys.stderr)
         else:
             print(text, file=sys.stderr)
