@@ -81,7 +81,8 @@ def export_peft_adapter(model: nn.Module, out_dir: str, *, task_type: str, prove
             wrapper = peft_model.base_model.model.get_submodule(name)
             wrapper.modules_to_save["default"].load_state_dict(model.get_submodule(name).state_dict())
     os.makedirs(out_dir, exist_ok=True)
-    peft_model.save_pretrained(out_dir, safe_serialization=True)
+    # the adapters never touch the embeddings: no need for peft to look the base up (on the hub) to decide
+    peft_model.save_pretrained(out_dir, safe_serialization=True, save_embedding_layers=False)
     _write_provenance(out_dir, provenance)
     return out_dir
 
