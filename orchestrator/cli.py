@@ -200,7 +200,8 @@ def _dry_run(args: argparse.Namespace, spec, run_dir: str) -> int:
              f"cache: {cache.uri}", "", f"{len(bases)} base(s):"]
     lines += [f"  {name}  [{status}]" for name, status in bases.items()]
     lines += ["", f"{len(trials)} trial(s):"]
-    lines += [f"  {t['id']}  on {t['base']}" for t in trials]
+    width = max((len(t["id"]) for t in trials), default=0)
+    lines += [f"  {t['id']:<{width}}  on {t['base']}" for t in trials]
     if not args.address:
         lines += ["", f"embedded Ray: {max_concurrent(spec, local_cluster(spec))} trial(s) at a time"]
     _emit(args, payload, "\n".join(lines))
