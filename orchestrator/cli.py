@@ -386,7 +386,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"loftune {args.command}: {exc.describe(source or exc.source)}", file=sys.stderr)
         return EXIT_INVALID
     except KeyboardInterrupt:
-        print("interrupted (run the same command again to resume)", file=sys.stderr)
+        detail = (" (built bases and finished trials are kept; interrupted trials continue from their last "
+                  "checkpoint)" if args.command == "run" else "")
+        print(f"loftune {args.command}: interrupted; run the same command again to resume{detail}", file=sys.stderr)
         return EXIT_FAILURE
     except Exception as exc:  # failures with a clear cause get one line, not a traceback; bugs keep theirs
         from orchestrator.cache import CacheError

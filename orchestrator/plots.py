@@ -64,7 +64,7 @@ def _metric_vs_bits(spec: JobSpec, records: list[TrialRecord]):
         ax.set(title=f"{task.name}: {metric} ({mode})", xlabel="bits", ylabel=metric)
         ax.set_xticks(sorted({k[1] for k in best}))
         ax.grid(alpha=0.3)
-        ax.legend()
+        _legend(ax)
     return figure
 
 
@@ -84,8 +84,14 @@ def _training_curves(spec: JobSpec, records: list[TrialRecord]):
         axes[1][col].set(title=f"{task.name}: {metric}", xlabel="step", ylabel=metric)
         for ax in axes[:, col]:
             ax.grid(alpha=0.3)
-        axes[1][col].legend(fontsize=7)
+        _legend(axes[1][col], fontsize=7)
     return figure
+
+
+def _legend(ax, **kwargs) -> None:
+    """A legend where something was plotted (an interrupted run may have no metric yet)."""
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(**kwargs)
 
 
 def layer_type(module: str) -> str:

@@ -26,6 +26,7 @@ LEADERBOARD = "leaderboard.csv"
 RESULTS_JSON = "results.json"
 STATUS = {"TERMINATED": "done", "ERROR": "failed", "RUNNING": "incomplete", "PENDING": "pending",
           "PAUSED": "incomplete"}
+UNFINISHED = ("incomplete", "pending")  # saved while the sweep was still going: it was interrupted
 
 
 @dataclass

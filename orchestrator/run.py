@@ -20,7 +20,7 @@ from orchestrator.build import ensure_base
 from orchestrator.cache import BaseCache, CacheError
 from orchestrator.plan import Plan, cluster_problems, local_cluster, make_plan, max_concurrent
 from orchestrator.plots import write_plots
-from orchestrator.results import best_records, leaderboard, read_trials, write_leaderboard
+from orchestrator.results import UNFINISHED, best_records, leaderboard, read_trials, write_leaderboard
 from orchestrator.spec import JobSpec, SpecError, build_spec, spec_to_dict
 from orchestrator.sweep import run_task
 
@@ -40,7 +40,7 @@ class RunSummary:
 
     @property
     def failed(self) -> list[str]:
-        return [r["trial"] for r in self.rows if r["status"] in ("failed", "incomplete", "pending")]
+        return [r["trial"] for r in self.rows if r["status"] == "failed" or r["status"] in UNFINISHED]
 
     def to_dict(self) -> dict:
         return {"run_dir": self.run_dir, "resumed": self.resumed, "built": self.built, "factors": self.factors,
@@ -217,6 +217,10 @@ def execute(spec: JobSpec, run_dir: str, address: str | None = None) -> RunSumma
     concurrency = max_concurrent(spec, cluster)
     for task in spec.tasks:
         summary.resumed |= run_task(plan, task, run_dir, cache.uri, concurrency)
+        if any(r.status in UNFINISHED for r in read_trials(run_dir, spec) if r.trial.task == task.name):
+            # Tune catches Ctrl-C, saves its state (trials still running) and returns: the run stops here, not
+            # at the next task (a sweep that ends on its own leaves every trial done or failed)
+            raise KeyboardInterrupt
     final = collect_results(run_dir, spec, cache, export=True)
     summary.rows, summary.best, summary.plots = final.rows, final.best, final.plots
     return summary

@@ -169,3 +169,30 @@ def test_asha_stops_a_trial_that_falls_behind(sweep, tmp_path):
     rows = {r["lr"]: r for r in json.loads(proc.stdout)["leaderboard"]}
     assert rows[1e-3]["status"] == "done" and rows[1e-3]["step"] == 12
     assert rows[30.0]["status"] == "stopped early" and rows[30.0]["step"] < 12
+
+
+def test_ctrl_c_stops_the_run_and_says_how_to_resume(sweep, tmp_path):
+    """SIGINT (Ctrl-C) to `loftune run` of a two-task spec while the first task's trial runs: Tune saves its
+    state and returns; the run stops there (the second task never starts), exits 1 and says how to resume."""
+    first_task = SPEC["tasks"][0]
+    spec_data = {**SPEC, "name": "ctrl-c", "tasks": [first_task, {**first_task, "name": "second"}],
+                 "sweep": {"bits": [4]}, "training": {**SPEC["training"], "max_steps": 40, "checkpoint_every": 4}}
+    spec = write_spec(tmp_path / "job.yaml", spec_data, sweep["cache"])
+    run_dir, log = tmp_path / "run", tmp_path / "stderr.txt"
+    trial = "sentiment-nf4-g64-r4-lr0.001"
+    with open(log, "w") as err:
+        proc = subprocess.Popen([LOFTUNE, "run", spec, "--out", str(run_dir)], stdout=subprocess.DEVNULL, stderr=err)
+        try:
+            deadline = time.time() + 300
+            while time.time() < deadline and proc.poll() is None and _last_step(str(run_dir), trial) < 4:
+                time.sleep(0.5)
+            assert proc.poll() is None, "the run ended before it could be interrupted"
+            proc.send_signal(signal.SIGINT)
+            proc.wait(timeout=120)
+        finally:
+            proc.kill()
+    stderr = log.read_text()
+    assert proc.returncode == 1, stderr[-3000:]
+    assert "interrupted; run the same command again to resume" in stderr
+    assert "Traceback" not in stderr.split("Experiment has been interrupted")[-1]
+    assert os.path.isdir(run_dir / "tune" / "sentiment") and not os.path.exists(run_dir / "tune" / "second")
