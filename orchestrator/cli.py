@@ -215,7 +215,10 @@ def cmd_results(args: argparse.Namespace) -> int:
 
     spec = read_run_spec(args.run_dir)
     summary = collect_results(args.run_dir, spec, BaseCache(spec.cache.uri), export=False)
-    _emit(args, summary.to_dict(), format_table(summary.rows))
+    text = format_table(summary.rows)
+    if summary.not_started:
+        text += f"\n\n{summary.not_started} of {summary.planned} planned trial(s) not started yet"
+    _emit(args, summary.to_dict(), text)
     return EXIT_OK
 
 

@@ -18,7 +18,7 @@ import yaml
 from orchestrator.best import export_best
 from orchestrator.build import ensure_base
 from orchestrator.cache import BaseCache, CacheError
-from orchestrator.plan import Plan, cluster_problems, local_cluster, make_plan, max_concurrent
+from orchestrator.plan import Plan, cluster_problems, local_cluster, make_plan, max_concurrent, sweep_points
 from orchestrator.plots import write_plots
 from orchestrator.results import UNFINISHED, best_records, leaderboard, read_trials, write_leaderboard
 from orchestrator.spec import JobSpec, SpecError, build_spec, spec_to_dict
@@ -37,6 +37,11 @@ class RunSummary:
     rows: list[dict] = field(default_factory=list)  # the leaderboard
     best: dict[str, str] = field(default_factory=dict)  # task -> export folder
     plots: list[str] = field(default_factory=list)
+    planned: int = 0  # trials in the spec; Tune creates them as they start, so an interrupted run may have fewer
+
+    @property
+    def not_started(self) -> int:
+        return max(0, self.planned - len(self.rows))
 
     @property
     def failed(self) -> list[str]:
@@ -45,7 +50,8 @@ class RunSummary:
     def to_dict(self) -> dict:
         return {"run_dir": self.run_dir, "resumed": self.resumed, "built": self.built, "factors": self.factors,
                 "cached": self.cached,
-                "failed": self.failed, "best": self.best, "plots": self.plots, "leaderboard": self.rows}
+                "failed": self.failed, "planned": self.planned, "not_started": self.not_started, "best": self.best,
+                "plots": self.plots, "leaderboard": self.rows}
 
 
 def default_run_dir(spec: JobSpec) -> str:
@@ -190,6 +196,7 @@ def collect_results(run_dir: str, spec: JobSpec, cache: BaseCache | None, export
     summary = RunSummary(run_dir=run_dir, resumed=False)
     records = read_trials(run_dir, spec)
     summary.rows = leaderboard(records, spec)
+    summary.planned = len(sweep_points(spec)) * len(spec.tasks)
     write_leaderboard(run_dir, summary.rows)
     manifests = {}
     if cache is not None:
@@ -222,5 +229,5 @@ def execute(spec: JobSpec, run_dir: str, address: str | None = None) -> RunSumma
             # at the next task (a sweep that ends on its own leaves every trial done or failed)
             raise KeyboardInterrupt
     final = collect_results(run_dir, spec, cache, export=True)
-    summary.rows, summary.best, summary.plots = final.rows, final.best, final.plots
+    summary.rows, summary.best, summary.plots, summary.planned = final.rows, final.best, final.plots, final.planned
     return summary

@@ -196,3 +196,8 @@ def test_ctrl_c_stops_the_run_and_says_how_to_resume(sweep, tmp_path):
     assert "interrupted; run the same command again to resume" in stderr
     assert "Traceback" not in stderr.split("Experiment has been interrupted")[-1]
     assert os.path.isdir(run_dir / "tune" / "sentiment") and not os.path.exists(run_dir / "tune" / "second")
+    results = loftune("results", str(run_dir), "--json")
+    assert results.returncode == 0, results.stderr[-3000:]
+    summary = json.loads(results.stdout)
+    assert [r["status"] for r in summary["leaderboard"]] == ["incomplete"]
+    assert summary["planned"] == 2 and summary["not_started"] == 1
