@@ -191,9 +191,9 @@ def _dry_run(args: argparse.Namespace, spec, run_dir: str) -> int:
 
     cache = BaseCache(spec.cache.uri)
     plan = make_plan(spec, work_dir(cache))
-    check_task_data(spec, plan)
+    plan.train_sizes = check_task_data(spec, plan)
     bases = base_status(plan, cache)
-    trials = [t.to_dict() for t in plan.trials]
+    trials = [{**t.to_dict(), "max_steps": plan.training_for(t).max_steps} for t in plan.trials]
     resumes = os.path.exists(os.path.join(run_dir, SPEC_FILE))
     payload = {"run_dir": run_dir, "resumes": resumes, "trials": trials, "bases": bases}
     lines = [f"run directory: {run_dir}" + (" (exists: the run resumes)" if resumes else ""),
@@ -201,7 +201,7 @@ def _dry_run(args: argparse.Namespace, spec, run_dir: str) -> int:
     lines += [f"  {name}  [{status}]" for name, status in bases.items()]
     lines += ["", f"{len(trials)} trial(s):"]
     width = max((len(t["id"]) for t in trials), default=0)
-    lines += [f"  {t['id']:<{width}}  on {t['base']}" for t in trials]
+    lines += [f"  {t['id']:<{width}}  {t['max_steps']:>6} steps  on {t['base']}" for t in trials]
     if not args.address:
         lines += ["", f"embedded Ray: {max_concurrent(spec, local_cluster(spec))} trial(s) at a time"]
     _emit(args, payload, "\n".join(lines))

@@ -16,14 +16,14 @@ import math
 import os
 import random
 import re
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 
 from orchestrator.build import BuildRequest
 from orchestrator.spec import JobSpec, Quantization, SpecError
 from workers.model_source import ModelSource, open_model
 from workers.quant import QuantSpec
 from workers.quant_plan import Override, QuantPlan
-from workers.train_settings import AdapterSettings, TrainSettings
+from workers.train_settings import AdapterSettings, TrainSettings, with_epoch_steps
 
 # Ray Tune runs each trial's driver in an actor of its own. It only waits on its Ray Train workers, so it asks
 # for a sliver of a CPU (0 is refused): a whole CPU per driver could leave the workers none after a node is lost
@@ -66,6 +66,7 @@ class Plan:
     source: ModelSource
     trials: list[Trial]
     builds: list[BuildRequest]  # one per distinct (entry, LoftQ factor rank), in the order trials need them
+    train_sizes: dict[str, int] = field(default_factory=dict)  # task -> training examples, once data is checked
 
     @property
     def bases(self) -> list[str]:
@@ -76,7 +77,11 @@ class Plan:
         return [t for t in self.trials if t.task == task]
 
     def training_for(self, trial: Trial) -> TrainSettings:
-        return trial.training_settings(self.spec.training)
+        """The trial's training settings, with max_steps derived from `epochs` once the task's size is known
+        (the same derivation each Train worker makes from the data it loads)."""
+        settings = trial.training_settings(self.spec.training)
+        size = self.train_sizes.get(trial.task)
+        return settings if size is None else with_epoch_steps(settings, size, self.spec.resources.workers_per_trial)
 
 
 # ---------------------------------------------------------------------------------------------- the sweep

@@ -69,7 +69,9 @@ def read_trials(run_dir: str, spec: JobSpec) -> list[TrialRecord]:
         for state in _trial_states(experiment):
             trial = Trial.from_dict(state["config"]["trial"])
             history = _read_jsonl(os.path.join(experiment, trial.id, "result.json"))
-            max_steps = trial.training_settings(spec.training).max_steps
+            # trials report their max_steps (derived from `epochs` where given); the spec's before the first report
+            reported = [h["max_steps"] for h in history if "max_steps" in h]
+            max_steps = reported[-1] if reported else trial.training_settings(spec.training).max_steps
             record = TrialRecord(trial, STATUS.get(state.get("status"), "pending"), max_steps, history)
             if record.status == "done" and record.step < record.max_steps:
                 record.status = "stopped early"  # ASHA ended it; Tune calls that TERMINATED too

@@ -115,9 +115,11 @@ def read_run_spec(run_dir: str) -> JobSpec:
     return spec
 
 
-def check_task_data(spec: JobSpec, plan: Plan) -> None:
+def check_task_data(spec: JobSpec, plan: Plan) -> dict[str, int]:
     """Load every task once with the model's tokenizer, so a missing column or a bad label fails now, named,
-    and not inside a trial minutes later (SpecError listing every task's problem)."""
+    and not inside a trial minutes later (SpecError listing every task's problem).
+
+    Returns each task's number of training examples (what `epochs` count in)."""
     import transformers
 
     from workers.tasks import TaskError, load_task
@@ -126,14 +128,15 @@ def check_task_data(spec: JobSpec, plan: Plan) -> None:
         tokenizer = transformers.AutoTokenizer.from_pretrained(plan.source.path)
     except (OSError, ValueError) as exc:
         raise SpecError([f"model: no tokenizer in {plan.source.path} ({exc})"]) from None
-    problems = []
+    problems, sizes = [], {}
     for i, task in enumerate(spec.tasks):
         try:
-            load_task(task, tokenizer)
+            sizes[task.name] = len(load_task(task, tokenizer).train)
         except TaskError as exc:
             problems += [f"tasks[{i}].{line}" for line in str(exc).splitlines()]
     if problems:
         raise SpecError(problems)
+    return sizes
 
 
 def connect_cluster(spec: JobSpec, address: str | None) -> dict[str, float]:
@@ -216,7 +219,7 @@ def execute(spec: JobSpec, run_dir: str, address: str | None = None) -> RunSumma
     """Run (or resume) the whole job; returns what it did and the leaderboard."""
     cache = BaseCache(spec.cache.uri)
     plan = make_plan(spec, work_dir(cache))
-    check_task_data(spec, plan)
+    plan.train_sizes = check_task_data(spec, plan)
     cluster = connect_cluster(spec, address)
     resumed = claim_run_dir(run_dir, spec)
     summary = RunSummary(run_dir=run_dir, resumed=resumed)

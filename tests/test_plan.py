@@ -88,6 +88,16 @@ def test_other_training_fields_can_be_swept(tmp_path):
     assert all(plan.training_for(t).lr == 1e-3 for t in plan.trials)
 
 
+def test_epochs_count_steps_from_each_tasks_size_and_the_swept_batch(tmp_path):
+    """What the orchestrator expects (progress, ASHA's max_t, 'stopped early') is what each worker derives."""
+    plan = plan_of(tmp_path, "training.max_steps=100", "training.epochs=2", "training.micro_batch_size=16",
+                   "sweep.bits=[4]", "sweep.rank=[8]", "sweep.training={micro_batch_size: [16, 32]}",
+                   "resources.workers_per_trial=2")
+    assert {plan.training_for(t).max_steps for t in plan.trials} == {100}  # the data is not loaded yet
+    plan.train_sizes = {"s": 1000}
+    steps = {t.training["micro_batch_size"]: plan.training_for(t).max_steps for t in plan.trials}
+    assert steps == {16: 2 * math.ceil(1000 / (16 * 2)), 32: 2 * math.ceil(1000 / (32 * 2))}  # 64 and 32
+
 @pytest.mark.parametrize("overrides,needle", [
     (["sweep.group_size=[64, 100]"], "sweep.group_size[1]: encoder.layer.0"),
     (["quantization.group_size=100", "sweep.bits=[2]"], "quantization.group_size: "),
