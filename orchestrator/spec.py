@@ -342,23 +342,38 @@ def parse_yaml(text: str, source: str) -> dict:
 
 
 def apply_overrides(data: dict, overrides: list[str], problems: list[str]) -> dict:
-    """`--set a.b=value` (value parsed as YAML, so `[2,4]`, `1e-4`, `true` work) into the raw mapping."""
+    """`--set a.b=value` (value parsed as YAML, so `[2,4]`, `1e-4`, `true` work) into the raw mapping; a list
+    item by its index: `--set tasks[0].max_length=64` (or `tasks.0.max_length`)."""
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             problems.append(f"--set {item!r}: expected KEY=VALUE, e.g. training.lr=1e-4")
             continue
-        value = yaml.safe_load(raw) if raw else None
-        node = data
-        parts = key.split(".")
-        for part in parts[:-1]:
-            if not isinstance(node.get(part, {}), dict):
-                problems.append(f"--set {key}: {part} is not a mapping")
-                break
+        problem = _set_path(data, key, yaml.safe_load(raw) if raw else None)
+        if problem:
+            problems.append(f"--set {key}: {problem}")
+    return data
+
+
+def _set_path(data: dict, key: str, value: Any) -> str | None:
+    """Set `value` at the dotted `key` (missing mappings are created); the problem if the path does not fit."""
+    parts = re.sub(r"\[(\d+)\]", r".\1", key).split(".")
+    node: Any = data
+    for i, part in enumerate(parts):
+        where, last = ".".join(parts[:i]), i == len(parts) - 1
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                return f"{where} is a list of {len(node)} item(s): expected an index 0-{len(node) - 1}, got {part!r}"
+            part = int(part)
+        elif not isinstance(node, dict):
+            return f"{where} is not a mapping or a list"
+        if last:
+            node[part] = value
+        elif isinstance(node, dict):
             node = node.setdefault(part, {})
         else:
-            node[parts[-1]] = value
-    return data
+            node = node[part]
+    return None
 
 
 def build_spec(data: dict, problems: list[str]) -> JobSpec | None:

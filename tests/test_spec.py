@@ -62,6 +62,8 @@ def test_every_example_spec_validates(path):
 def test_valid_spec_and_overrides(tmp_path):
     spec = load_spec(write(tmp_path, VALID), ["training.lr=1e-4", "sweep.bits=[2,3,4]", "quantization.iters=5"])
     assert spec.training.lr == 1e-4 and spec.sweep.bits == [2, 3, 4] and spec.quantization.iters == 5
+    spec = load_spec(write(tmp_path, VALID), ["tasks[0].max_length=64", "tasks.0.max_train_samples=50"])
+    assert spec.tasks[0].max_length == 64 and spec.tasks[0].max_train_samples == 50
 
 
 CORPUS = [
@@ -145,7 +147,12 @@ def test_missing_spec_file_is_named(tmp_path):
         load_spec(str(tmp_path / "no-such.yaml"))
 
 
-@pytest.mark.parametrize("override,needle", [("training.lr", "expected KEY=VALUE"), ("name.x=1", "name is not")])
+@pytest.mark.parametrize("override,needle", [
+    ("training.lr", "expected KEY=VALUE"),
+    ("name.x=1", "name is not a mapping"),
+    ("tasks[1].max_length=64", r"tasks is a list of 1 item\(s\): expected an index 0-0, got '1'"),
+    ("tasks.x.max_length=64", "tasks is a list of 1 item"),
+])
 def test_bad_overrides(tmp_path, override, needle):
     with pytest.raises(SpecError, match=needle):
         load_spec(write(tmp_path, VALID), [override])
