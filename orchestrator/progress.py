@@ -35,11 +35,14 @@ class TrialProgress(tune.Callback):
             self._bar = tqdm(total=sum(self.max_steps.values()), desc=f"{self.task} steps", unit="step",
                              file=sys.stderr, dynamic_ncols=True)
             for trial in trials:
-                row = self._row(trial)
+                row, last = self._row(trial), trial.last_result or {}
                 if trial.status == "TERMINATED":
                     row["status"] = "done (earlier run)"
-                    self._advance(row, (trial.last_result or {}).get("step", row["max_steps"]))
-                    self._fill(row, trial.last_result or {})
+                    self._advance(row, last.get("step", row["max_steps"]))
+                elif last.get("step"):  # interrupted: it continues from its last checkpoint
+                    row["status"] = "to resume"
+                    self._advance(row, last["step"])
+                self._fill(row, last)
             self._print_table()
         elif time.monotonic() - self._last_table > TABLE_EVERY_SECONDS:
             self._print_table()
