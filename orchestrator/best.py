@@ -4,20 +4,21 @@
         -> LoRA: the adapter (and task head) in PEFT's format; QA-LoRA: the merged, still-quantized model
 
 Written to `<run_dir>/best/<task>/` with `loftune.json` beside it naming the base's cache key, the trial and
-its metrics. The export goes to a temporary folder first and is renamed into place.
+its metrics. The export goes to a temporary folder first and is renamed into place; what it replaces is
+deleted only inside the run directory (a link planted at `best/<task>` is removed as a link, never followed).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 
 from safetensors.torch import load_file
 
 from orchestrator.build import load_entry_tensors
 from orchestrator.cache import BaseCache
 from orchestrator.results import TrialRecord
+from orchestrator.safe_paths import check_component, remove_tree
 from orchestrator.spec import JobSpec, metric_for
 from workers.export import export_peft_adapter, export_qalora_merged
 from workers.model_source import HEAD_NAMES
@@ -48,9 +49,9 @@ def export_best(run_dir: str, spec: JobSpec, record: TrialRecord, cache: BaseCac
     provenance = {"base": trial.base, "run": spec.name, "task": task.name, "trial": trial.to_dict(),
                   "metric": metric, "value": record.final.get(metric), "step": record.step,
                   "checkpoint": record.checkpoint}
-    final = os.path.join(run_dir, BEST_DIR, task.name)
+    final = os.path.join(run_dir, BEST_DIR, check_component(task.name, "tasks[].name"))
     tmp = final + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
+    remove_tree(tmp, run_dir)
     if job.adapter_kind == "qalora":
         export_qalora_merged(model, os.path.join(tmp, "merged-quantized"), model_config=job.model_config,
                              provenance=provenance)
@@ -58,7 +59,7 @@ def export_best(run_dir: str, spec: JobSpec, record: TrialRecord, cache: BaseCac
         heads = sorted({name.rsplit(".", 1)[0] for name in saved if not name.endswith(("lora_A", "lora_B"))})
         export_peft_adapter(model, os.path.join(tmp, "adapter"), task_type=PEFT_TASK_TYPES[task.type],
                             provenance=provenance, trainable_modules=heads)
-    shutil.rmtree(final, ignore_errors=True)
+    remove_tree(final, run_dir)
     os.replace(tmp, final)
     return final
 

@@ -1,6 +1,11 @@
 """Build a model's quantized base once, spreading per-matrix LoftQ over Ray actors, into the shared cache.
 
-    request -> key -> cache hit? done : lock -> plan the matrices -> actors (largest first) -> shards -> manifest
+    request -> key -> intact cache hit? done : lock -> plan the matrices -> actors (largest first) -> shards -> manifest
+
+A hit is checked before it is trusted: every file's size (and its sha256 with `verify_hashes`, which the driver of
+a run asks for once per entry). A broken entry is rebuilt under its lock: it is content-addressed, so the rebuild
+is identical. An entry is self-contained: it carries the model's config and tokenizer as JSON files
+(`entry_tokenizer_files`), so a cache that was copied or mounted elsewhere still trains.
 
 The driver streams one full-precision matrix at a time from the model files into the object store, at
 most two per actor in flight, and writes each shard of results as soon as all its matrices are back, so
@@ -11,6 +16,7 @@ retried. Actors that die are restarted by Ray and their matrix is redone (max_re
 
 from __future__ import annotations
 
+import os
 import re
 import statistics
 import sys
@@ -23,7 +29,7 @@ import ray
 import torch
 from tqdm import tqdm
 
-from orchestrator.cache import BaseCache, BaseCacheKey
+from orchestrator.cache import BaseCache, BaseCacheKey, CacheCorruptError, CacheError, CacheForeignError
 from workers.matrix_worker import METHODS, MatrixJob, MatrixResult, MatrixWorker, is_factor
 from workers.model_source import ModelSource
 from workers.quant import packed_nbytes
@@ -31,6 +37,8 @@ from workers.quant_plan import QuantPlan
 
 SHARD_BYTES = 1 << 30
 REST_FILE = "rest.safetensors"
+CONFIG_FILE = "config.json"  # the model's config, in the build folder
+TOKENIZER_DIR = "tokenizer"  # the model's tokenizer as JSON files: <build_id>/tokenizer/*.json
 
 
 class BuildInputError(ValueError):
@@ -71,6 +79,7 @@ class BuildResult:
     built: bool  # False on a cache hit
     seconds: float
     manifest: dict = field(repr=False, default_factory=dict)
+    repaired: list[str] = field(default_factory=list)  # the problems that made the entry be rebuilt; [] otherwise
 
 
 def factor_file(rank: int) -> str:
@@ -116,37 +125,91 @@ def ensure_base(
     progress: bool = True,
     on_progress: Callable[[int, int], None] | None = None,
     shard_bytes: int = SHARD_BYTES,
+    verify_hashes: bool = False,
 ) -> BuildResult:
     """Return the cached base for `request`, building it (or its LoRA factors for a new rank) if missing.
 
+    A hit is checked first: file sizes, and sha256 too with `verify_hashes`. A broken entry (unreadable manifest,
+    missing, truncated or wrong-hash file) is rebuilt under its lock and its problems are returned in
+    `BuildResult.repaired`. A CacheError in one line names the entry, its first problem and the repair command
+    when the rebuild is impossible (a read-only cache), and a foreign entry is never written through.
     Ray is only joined (at `address`, else the embedded local Ray) when something has to be built.
     """
     start = time.perf_counter()
     key = request.key()
-    manifest = cache.lookup(key)
-    if manifest is not None and _has_factors(manifest, request):
+    manifest, problems = _entry_state(cache, key, verify_hashes)
+    if manifest is not None and not problems and _has_factors(manifest, request):
         return BuildResult(key.name, cache.uri, False, time.perf_counter() - start, manifest)
     jobs, shapes = plan_jobs(request)
-    with cache.lock(key):
-        manifest = cache.lookup(key)  # another builder may have finished while we waited
-        if manifest is not None and _has_factors(manifest, request):
-            return BuildResult(key.name, cache.uri, False, time.perf_counter() - start, manifest)
-        if manifest is not None:  # a rank-independent base exists: only the factors for this rank are missing
-            jobs = [replace(j, want_base=False) for j in jobs]
-        connect(address)
-        pool = _start_actors(actors, threads_per_actor, len(jobs))
-        bar = tqdm(total=len(jobs), desc=f"quantize {key.name}", unit="matrix", disable=not progress,
-                   file=sys.stderr)
-        try:
-            if manifest is None:
-                manifest = _build_entry(request, key, cache, jobs, shapes, pool, bar, on_progress, shard_bytes)
-            else:
-                manifest = _build_factors(request, manifest, cache, jobs, pool, bar, on_progress)
-        finally:
-            bar.close()
-            for actor in pool:
-                ray.kill(actor)
-    return BuildResult(key.name, cache.uri, True, time.perf_counter() - start, manifest)
+    try:
+        with cache.lock(key):
+            # another builder may have finished (or repaired the entry) while we waited
+            manifest, problems = _entry_state(cache, key, verify_hashes)
+            if manifest is not None and not problems and _has_factors(manifest, request):
+                return BuildResult(key.name, cache.uri, False, time.perf_counter() - start, manifest)
+            if problems:
+                cache.unpublish(key.name)  # else commit would keep the broken manifest as a lost race's winner
+                manifest = None
+            manifest = _build_locked(request, key, cache, manifest, jobs, shapes, actors, threads_per_actor,
+                                     address, progress, on_progress, shard_bytes)
+    except CacheError as exc:
+        if not problems or isinstance(exc, CacheForeignError):
+            raise
+        raise CacheError(f"entry {key.name} is broken ({problems[0]}) and cannot be rebuilt here ({exc}); repair "
+                         f"it with: loftune cache rm {key.name} --cache {cache.uri}, then run again") from None
+    return BuildResult(key.name, cache.uri, True, time.perf_counter() - start, manifest, repaired=problems)
+
+
+def _entry_state(cache: BaseCache, key: BaseCacheKey, hashes: bool) -> tuple[dict | None, list[str]]:
+    """(manifest or None, problems) of `key`'s entry. A foreign entry is a CacheForeignError naming the fix."""
+    try:
+        manifest = cache.lookup(key)
+    except CacheForeignError as exc:  # never rebuilt through a link: the link itself must go
+        raise CacheForeignError(f"{exc}; remove the link with: loftune cache rm {key.name} --cache {cache.uri}"
+                                ) from None
+    except CacheCorruptError as exc:  # unreadable or rejected manifest: broken, rebuilt
+        return None, [str(exc)]
+    if manifest is None:
+        return None, []
+    return manifest, cache.problems(key.name, hashes=hashes)
+
+
+def _build_locked(request, key, cache, manifest, jobs, shapes, actors, threads_per_actor, address, progress,
+                  on_progress, shard_bytes) -> dict:
+    """Build the entry (manifest None) or only this rank's factors, holding the entry's lock."""
+    if manifest is not None:  # a rank-independent base exists: only the factors for this rank are missing
+        jobs = [replace(j, want_base=False) for j in jobs]
+        model_files = {}
+    else:
+        model_files = model_json_files(request.source)  # before Ray starts: a bad tokenizer fails fast
+    connect(address)
+    pool = _start_actors(actors, threads_per_actor, len(jobs))
+    bar = tqdm(total=len(jobs), desc=f"quantize {key.name}", unit="matrix", disable=not progress, file=sys.stderr)
+    try:
+        if manifest is None:
+            return _build_entry(request, key, cache, jobs, shapes, pool, bar, on_progress, shard_bytes, model_files)
+        return _build_factors(request, manifest, cache, jobs, pool, bar, on_progress)
+    finally:
+        bar.close()
+        for actor in pool:
+            ray.kill(actor)
+
+
+def describe_entry(request: BuildRequest, cache: BaseCache) -> str:
+    """What ensure_base would do with `request`'s entry, for a dry run (sizes are checked, not hashes): 'cached',
+    'to build', 'factors for rank R to add', 'broken (<first problem>): will be rebuilt', or
+    'foreign (<reason>)' for an entry behind a link, which is never rebuilt."""
+    try:
+        manifest, problems = _entry_state(cache, request.key(), hashes=False)
+    except CacheForeignError as exc:
+        return f"foreign ({exc})"
+    if problems:
+        return f"broken ({problems[0]}): will be rebuilt"
+    if manifest is None:
+        return "to build"
+    if not _has_factors(manifest, request):
+        return f"factors for rank {request.rank} to add"
+    return "cached"
 
 
 def _has_factors(manifest: dict, request: BuildRequest) -> bool:
@@ -205,7 +268,7 @@ def _shard_plan(jobs: list[MatrixJob], shapes: dict, shard_bytes: int) -> dict[s
     return out
 
 
-def _build_entry(request, key, cache, jobs, shapes, pool, bar, on_progress, shard_bytes) -> dict:
+def _build_entry(request, key, cache, jobs, shapes, pool, bar, on_progress, shard_bytes, model_files) -> dict:
     build_start = time.perf_counter()
     shard_of = _shard_plan(jobs, shapes, shard_bytes)
     remaining = Counter(shard_of.values())
@@ -213,6 +276,8 @@ def _build_entry(request, key, cache, jobs, shapes, pool, bar, on_progress, shar
     factors: dict[str, torch.Tensor] = {}
     matrices: dict[str, dict] = {}
     with cache.writer(key) as writer:
+        for file, data in model_files.items():
+            writer.add_json(file, data)
         for result in _run_jobs(request.source, jobs, pool, bar, on_progress):
             shard = shard_of[result.module]
             for name, tensor in result.tensors.items():
@@ -262,16 +327,47 @@ def _manifest_extra(request: BuildRequest, matrices: dict, seconds: float, has_f
     }
 
 
-def load_entry_tensors(cache: BaseCache, name: str, rank: int | None = None) -> dict[str, torch.Tensor]:
-    """Every tensor of an entry a model needs: base shards, the rest, and the factors for `rank` if any."""
+def model_json_files(source: ModelSource) -> dict[str, bytes]:
+    """The JSON files an entry carries so that it needs nothing from the model's directory: 'config.json', and
+    'tokenizer/<file>.json' for each file of the model's tokenizer (none when it has no tokenizer)."""
+    try:
+        tokenizer = source.tokenizer_files()
+    except ValueError as exc:
+        raise BuildInputError(str(exc)) from None
+    with open(os.path.join(source.path, "config.json"), "rb") as f:
+        files = {CONFIG_FILE: f.read()}
+    return files | {f"{TOKENIZER_DIR}/{name}": data for name, data in tokenizer.items()}
+
+
+def entry_tokenizer_files(cache: BaseCache, name: str) -> dict[str, bytes]:
+    """The tokenizer an entry carries, file name -> bytes (e.g. 'tokenizer.json'): written into one directory, they
+    load with transformers.AutoTokenizer.from_pretrained. Each is checked against the manifest (size, sha256;
+    CacheCorruptError if it differs). {} for an entry without one (a model with no tokenizer, an older entry)."""
     manifest = cache.show(name)
+    prefix = f"{manifest['build_id']}/{TOKENIZER_DIR}/"
+    return {rel[len(prefix):]: cache.read_bytes(name, rel) for rel in sorted(manifest["files"])
+            if rel.startswith(prefix)}
+
+
+def load_entry_tensors(cache: BaseCache, name: str, rank: int | None = None,
+                       verify: bool = True) -> dict[str, torch.Tensor]:
+    """Every tensor of an entry a model needs: base shards, the rest, and the factors for `rank` if any.
+
+    With `verify` each file's sha256 is checked; without it only sizes are (trials read an entry many times,
+    and the driver checked the hashes once, through ensure_base(verify_hashes=True)). CacheCorruptError if a
+    file does not match its manifest."""
+    manifest = cache.show(name)
+    if not verify:
+        problems = cache.problems(name, hashes=False)
+        if problems:
+            raise CacheCorruptError(f"entry {name} is broken: {problems[0]}")
     tensors: dict[str, torch.Tensor] = {}
     wanted_factor = factor_file(rank) if rank else None
     for file in manifest["files"]:
         base = file.rsplit("/", 1)[-1]
-        if base.startswith("lora-r") and base != wanted_factor:
+        if not base.endswith(".safetensors") or (base.startswith("lora-r") and base != wanted_factor):
             continue
-        tensors.update(cache.read_file(name, file))
+        tensors.update(cache.read_file(name, file, verify=verify))
     return tensors
 
 

@@ -54,9 +54,11 @@ def cmd_quantize(args: argparse.Namespace) -> int:
                              address=args.address, progress=not args.json)
     except BuildInputError as exc:
         raise InvalidInputError(str(exc)) from exc
+    if result.repaired:
+        print(f"base {result.name}: broken ({result.repaired[0]}), rebuilt", file=sys.stderr)
     payload = {"key": result.name, "uri": f"{result.uri.rstrip('/')}/bases/{result.name}", "built": result.built,
                "seconds": round(time.perf_counter() - start, 3),
-               "matrices": len(result.manifest.get("matrices", {}))}
+               "matrices": len(result.manifest.get("matrices", {})), "repaired": result.repaired}
     text = "\n".join([error_table(result.manifest), "", *(f"{k}: {v}" for k, v in payload.items())])
     _emit(args, payload, text)
     return EXIT_OK
@@ -88,9 +90,13 @@ def cmd_cache(args: argparse.Namespace) -> int:
 
 
 def _cache_ls(cache, args) -> int:
-    entries = cache.ls()
-    lines = [f"{'entry':<70} {'MiB':>8} created"]
-    lines += [f"{e['name']:<70} {e['bytes'] / 2**20:8.1f} {e.get('created', '')}" for e in entries]
+    entries = cache.ls()  # broken and foreign entries too, each with its status and first problem
+    lines = [f"{'entry':<70} {'status':<7} {'MiB':>8} created"]
+    for e in entries:
+        mib = f"{e['bytes'] / 2**20:8.1f}" if e["bytes"] is not None else f"{'-':>8}"
+        lines.append(f"{e['name']:<70} {e['status']:<7} {mib} {e['created'] or ''}")
+        if e["problem"]:
+            lines.append(f"  {e['problem']}")
     _emit(args, entries, "\n".join(lines) if entries else f"(no entries in {cache.uri})")
     return EXIT_OK
 
@@ -112,8 +118,9 @@ def _cache_verify(cache, args) -> int:
 
 
 def _cache_rm(cache, args) -> int:
-    cache.rm(args.key)
-    _emit(args, {"removed": args.key}, f"removed {args.key}")
+    what = cache.rm(args.key)  # 'link' for a foreign entry: only the link inside the cache went
+    _emit(args, {"removed": args.key, "what": what},
+          f"removed {args.key}" + (" (a link: what it pointed to was left alone)" if what == "link" else ""))
     return EXIT_OK
 
 
@@ -138,12 +145,11 @@ def _load(args: argparse.Namespace):
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from orchestrator.cache import BaseCache
     from orchestrator.plan import cluster_problems, local_cluster, make_plan
-    from orchestrator.run import check_task_data, work_dir
+    from orchestrator.run import check_task_data, open_cache, work_dir
 
     spec = _load(args)
-    plan = make_plan(spec, work_dir(BaseCache(spec.cache.uri)))
+    plan = make_plan(spec, work_dir(open_cache(spec)))
     check_task_data(spec, plan)
     if args.address:
         import ray
@@ -185,23 +191,27 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _dry_run(args: argparse.Namespace, spec, run_dir: str) -> int:
-    from orchestrator.cache import BaseCache
     from orchestrator.plan import local_cluster, make_plan, max_concurrent
-    from orchestrator.run import SPEC_FILE, base_status, check_task_data, work_dir
+    from orchestrator.run import SPEC_FILE, base_status, check_run_dir, check_task_data, open_cache, work_dir
+    from orchestrator.trial_records import FINISHED, read_states
 
-    cache = BaseCache(spec.cache.uri)
+    check_run_dir(run_dir)
+    cache = open_cache(spec)
     plan = make_plan(spec, work_dir(cache))
     plan.train_sizes = check_task_data(spec, plan)
     bases = base_status(plan, cache)
-    trials = [{**t.to_dict(), "max_steps": plan.training_for(t).max_steps} for t in plan.trials]
     resumes = os.path.exists(os.path.join(run_dir, SPEC_FILE))
+    recorded = {s.trial["id"]: s.status for s in read_states(run_dir)} if resumes else {}
+    trials = [{**t.to_dict(), "max_steps": plan.training_for(t).max_steps,
+               "action": "kept" if recorded.get(t.id) in FINISHED else "resume" if t.id in recorded else "run"}
+              for t in plan.trials]
     payload = {"run_dir": run_dir, "resumes": resumes, "trials": trials, "bases": bases}
     lines = [f"run directory: {run_dir}" + (" (exists: the run resumes)" if resumes else ""),
              f"cache: {cache.uri}", "", f"{len(bases)} base(s):"]
     lines += [f"  {name}  [{status}]" for name, status in bases.items()]
     lines += ["", f"{len(trials)} trial(s):"]
     width = max((len(t["id"]) for t in trials), default=0)
-    lines += [f"  {t['id']:<{width}}  {t['max_steps']:>6} steps  on {t['base']}" for t in trials]
+    lines += [f"  {t['id']:<{width}}  {t['max_steps']:>6} steps  on {t['base']}  [{t['action']}]" for t in trials]
     if not args.address:
         lines += ["", f"embedded Ray: {max_concurrent(spec, local_cluster(spec))} trial(s) at a time"]
     _emit(args, payload, "\n".join(lines))
@@ -209,12 +219,11 @@ def _dry_run(args: argparse.Namespace, spec, run_dir: str) -> int:
 
 
 def cmd_results(args: argparse.Namespace) -> int:
-    from orchestrator.cache import BaseCache
     from orchestrator.results import format_table
-    from orchestrator.run import collect_results, read_run_spec
+    from orchestrator.run import collect_results, open_cache, read_run_spec
 
     spec = read_run_spec(args.run_dir)
-    summary = collect_results(args.run_dir, spec, BaseCache(spec.cache.uri), export=False)
+    summary = collect_results(args.run_dir, spec, open_cache(spec), export=False)
     text = format_table(summary.rows)
     if summary.not_started:
         text += f"\n\n{summary.not_started} of {summary.planned} planned trial(s) not started yet"
@@ -398,6 +407,10 @@ def main(argv: list[str] | None = None) -> int:
 
         if isinstance(exc, CacheError | ConnectionError):
             print(f"loftune {args.command}: {type(exc).__name__}: {exc}", file=sys.stderr)
+            return EXIT_FAILURE
+        if isinstance(exc, OSError) and exc.strerror:  # a full disk, a read-only mount, a permission
+            where = f": {exc.filename}" if exc.filename else ""
+            print(f"loftune {args.command}: {exc.strerror}{where}", file=sys.stderr)
             return EXIT_FAILURE
         raise
 

@@ -14,7 +14,7 @@ import ray
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
-from orchestrator.build import load_entry_tensors
+from orchestrator.build import entry_tokenizer_files, load_entry_tensors
 from orchestrator.cache import BaseCache
 from workers.train_loop import JobConfig, train_func
 
@@ -51,12 +51,15 @@ def make_trainer(job: JobConfig, resources: Resources, storage_path: str, name: 
 
 
 def job_config(cache: BaseCache, entry: str, *, adapter, training, task, tokenizer_dir: str | None = None,
-               threads_per_worker: int = 1) -> JobConfig:
-    """Read the entry once, put it in the object store, and describe the job for the workers."""
+               threads_per_worker: int = 1, resume_from: str | None = None) -> JobConfig:
+    """Read the entry once, put it in the object store, and describe the job for the workers.
+
+    `resume_from`: a checkpoint folder to continue from (a fresh Train run has none of its own)."""
     manifest = cache.show(entry)
     rank = adapter.rank if adapter.init == "loftq" else None
-    tensors = load_entry_tensors(cache, entry, rank=rank)
+    tensors = load_entry_tensors(cache, entry, rank=rank, verify=False)  # the driver verified hashes once per run
     kind = "qalora" if manifest.get("method") == "qalora" else "lora"
     return JobConfig(model_config=manifest["model"]["config"], base_ref=ray.put(tensors), adapter_kind=kind,
                      adapter=adapter, training=training, task=task,
-                     tokenizer_dir=tokenizer_dir or manifest["model"]["path"], threads_per_worker=threads_per_worker)
+                     tokenizer_dir=tokenizer_dir or manifest["model"]["path"], threads_per_worker=threads_per_worker,
+                     resume_from=resume_from, tokenizer_files=entry_tokenizer_files(cache, entry) or None)

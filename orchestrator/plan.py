@@ -11,6 +11,7 @@ model (a group size that does not divide a target layer, a rank larger than a la
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import math
 import os
@@ -126,10 +127,16 @@ def _point(base: dict, values: dict, where: dict, seed: int) -> dict:
 
 
 def trial_id(task: str, point: dict, quant_label: str, repeated: bool) -> str:
+    """Readable and unique, and one plain path component (it names the trial's folders): at most MAX_ID long."""
     extra = "".join(f"-{_short(k)}{v}" for k, v in sorted(point["training"].items()))
     seed = f"-s{point['seed']}" if repeated else ""
-    text = f"{task}-{quant_label}-r{point['rank']}-lr{point['lr']:g}{extra}{seed}"
-    return re.sub(r"[^A-Za-z0-9._-]", "_", text)
+    text = re.sub(r"[^A-Za-z0-9._-]", "_", f"{task}-{quant_label}-r{point['rank']}-lr{point['lr']:g}{extra}{seed}")
+    if len(text) > MAX_ID:  # long task names or many swept fields: keep the start readable, the end unique
+        text = f"{text[:MAX_ID - 13]}-{hashlib.sha256(text.encode()).hexdigest()[:12]}"
+    return text
+
+
+MAX_ID = 160
 
 
 def _short(field: str) -> str:

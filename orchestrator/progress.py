@@ -1,8 +1,9 @@
 """Live progress of a sweep on stderr: one bar over every trial's steps, and a table of trials whenever a
 trial starts, finishes, is stopped early or fails.
 
-The callback runs in the driver (Tune's controller loop). Tune pickles it into the experiment's state and
-brings it back on `Tuner.restore`, so it holds plain data only; the bar is made on first use.
+The callback runs in the driver (Tune's controller loop). Tune pickles it into its (private) experiment
+state, so it holds plain data only; the bar is made on first use. Trials of earlier sessions come from
+loftune's records: finished ones are shown as such, interrupted ones continue from their last checkpoint.
 """
 
 from __future__ import annotations
@@ -19,8 +20,11 @@ TABLE_EVERY_SECONDS = 60.0  # also reprint the table this often while trials run
 class TrialProgress(tune.Callback):
     """Step bar and trial table for the trials of one task."""
 
-    def __init__(self, task: str, max_steps: dict[str, int], metric: str):
+    def __init__(self, task: str, max_steps: dict[str, int], metric: str,
+                 earlier: dict[str, tuple[str, list[dict]]] | None = None):
+        """`earlier`: trial id -> (recorded status, reports) of the trials earlier sessions ran."""
         self.task, self.max_steps, self.metric = task, max_steps, metric
+        self.earlier = earlier or {}
         self._rows: dict[str, dict] = {}
         self._bar: tqdm | None = None
         self._last_table = 0.0
@@ -31,18 +35,11 @@ class TrialProgress(tune.Callback):
     # ------------------------------------------------------------------------------------- Tune hooks
 
     def on_step_begin(self, iteration: int, trials: list, **info) -> None:
-        if self._bar is None:  # first step of this process: count what earlier runs finished
+        if self._bar is None:  # first step of this process: count what earlier sessions did
             self._bar = tqdm(total=sum(self.max_steps.values()), desc=f"{self.task} steps", unit="step",
                              file=sys.stderr, dynamic_ncols=True)
-            for trial in trials:
-                row, last = self._row(trial), trial.last_result or {}
-                if trial.status == "TERMINATED":
-                    row["status"] = "done (earlier run)"
-                    self._advance(row, last.get("step", row["max_steps"]))
-                elif last.get("step"):  # interrupted: it continues from its last checkpoint
-                    row["status"] = "to resume"
-                    self._advance(row, last["step"])
-                self._fill(row, last)
+            for trial_id, (status, reports) in self.earlier.items():
+                self._show_earlier(self._row_of(trial_id), status, reports)
             self._print_table()
         elif time.monotonic() - self._last_table > TABLE_EVERY_SECONDS:
             self._print_table()
@@ -72,8 +69,22 @@ class TrialProgress(tune.Callback):
 
     # ------------------------------------------------------------------------------------------ display
 
+    def _show_earlier(self, row: dict, status: str, reports: list[dict]) -> None:
+        """A trial from an earlier session: finished, or to continue from its last checkpoint."""
+        for report in reports:
+            self._fill(row, report)
+        if status in ("done", "stopped early"):
+            row["status"] = f"{status} (earlier run)"
+            self._advance(row, max((r.get("step", 0) for r in reports), default=0))
+            return
+        resume_at = max((r.get("step", 0) for r in reports if r.get("checkpoint_path")), default=0)
+        row["status"] = "to resume" if resume_at else "to restart"
+        self._advance(row, resume_at)
+
     def _row(self, trial) -> dict:
-        trial_id = trial.config["trial"]["id"]
+        return self._row_of(trial.config["trial"]["id"])
+
+    def _row_of(self, trial_id: str) -> dict:
         if trial_id not in self._rows:
             self._rows[trial_id] = {"status": "pending", "step": 0, "max_steps": self.max_steps.get(trial_id, 0),
                                     "loss": None, "metric": None}

@@ -1,31 +1,27 @@
 """A run's results, read back from its directory alone: trial records, the leaderboard, results.json.
 
     <run_dir>/spec.yaml                        the resolved spec the run was started with
-    <run_dir>/tune/<task>/experiment_state-*   Tune's experiment state (trial statuses, as JSON)
-    <run_dir>/tune/<task>/<trial>/result.json  one JSON line per report of the trial (steps, loss, eval metrics)
-    <run_dir>/train/<trial>/checkpoint_*       the trial's Ray Train checkpoints (adapters and head)
-    <run_dir>/leaderboard.csv, results.json    written here; plots/ and best/ by plots.py and export_best.py
+    <run_dir>/trials/<trial>/                  loftune's record of each trial (orchestrator/trial_records.py)
+    <run_dir>/train/<trial>/<attempt>/checkpoint_*   the trial's Ray Train checkpoints (adapters and head)
+    <run_dir>/leaderboard.csv, results.json    written here; plots/ and best/ by plots.py and best.py
 
-Only JSON is read (Tune's experiment state keeps some fields pickled; those are never decoded here), so
-`loftune results` works without Ray, on a finished, running or interrupted run.
+Only loftune's JSON records are read (never Tune's files, which hold pickles), so `loftune results` works
+without Ray, on a finished, running or interrupted run.
 """
 
 from __future__ import annotations
 
 import csv
-import glob
 import json
 import os
 from dataclasses import dataclass, field
 
 from orchestrator.plan import Trial
 from orchestrator.spec import JobSpec, metric_for
-from orchestrator.sweep import TUNE_DIR
+from orchestrator.trial_records import read_states
 
 LEADERBOARD = "leaderboard.csv"
 RESULTS_JSON = "results.json"
-STATUS = {"TERMINATED": "done", "ERROR": "failed", "RUNNING": "incomplete", "PENDING": "pending",
-          "PAUSED": "incomplete"}
 UNFINISHED = ("incomplete", "pending")  # saved while the sweep was still going: it was interrupted
 
 
@@ -34,9 +30,9 @@ class TrialRecord:
     """One trial as the run directory tells it."""
 
     trial: Trial
-    status: str  # done | stopped early | failed | incomplete | pending
+    status: str  # done | stopped early | failed | incomplete
     max_steps: int
-    history: list[dict] = field(default_factory=list)  # every report, in order
+    history: list[dict] = field(default_factory=list)  # every report, in order (across resumed sessions)
 
     @property
     def step(self) -> int:
@@ -52,7 +48,11 @@ class TrialRecord:
 
     @property
     def seconds(self) -> float:
-        return float(self.history[-1].get("time_total_s", 0.0)) if self.history else 0.0
+        """Training time over every session that ran the trial (Tune's clock restarts in each)."""
+        last: dict = {}
+        for report in self.history:
+            last[report.get("session")] = float(report.get("time_total_s", 0.0))
+        return sum(last.values())
 
     @property
     def checkpoint(self) -> str | None:
@@ -62,46 +62,22 @@ class TrialRecord:
 
 
 def read_trials(run_dir: str, spec: JobSpec) -> list[TrialRecord]:
-    """Every trial of every task, from Tune's experiment state and each trial's result.json."""
+    """Every recorded trial of the spec's tasks (a trial not started yet has no record)."""
+    tasks = {t.name for t in spec.tasks}
     records = []
-    for task in spec.tasks:
-        experiment = os.path.join(run_dir, TUNE_DIR, task.name)
-        for state in _trial_states(experiment):
-            trial = Trial.from_dict(state["config"]["trial"])
-            history = _read_jsonl(os.path.join(experiment, trial.id, "result.json"))
-            # trials report their max_steps (derived from `epochs` where given); the spec's before the first report
-            reported = [h["max_steps"] for h in history if "max_steps" in h]
-            max_steps = reported[-1] if reported else trial.training_settings(spec.training).max_steps
-            record = TrialRecord(trial, STATUS.get(state.get("status"), "pending"), max_steps, history)
-            if record.status == "done" and record.step < record.max_steps:
-                record.status = "stopped early"  # ASHA ended it; Tune calls that TERMINATED too
-            records.append(record)
+    for state in read_states(run_dir):
+        try:
+            trial = Trial.from_dict(state.trial)
+        except TypeError:  # a record of another loftune's Trial fields: not this run's
+            continue
+        if trial.task not in tasks:
+            continue
+        # trials report their max_steps (derived from `epochs` where given); the spec's before the first report
+        reported = [h["max_steps"] for h in state.reports if "max_steps" in h]
+        max_steps = reported[-1] if reported else trial.training_settings(spec.training).max_steps
+        status = "incomplete" if state.status == "running" else state.status
+        records.append(TrialRecord(trial, status, max_steps, state.reports))
     return records
-
-
-def _trial_states(experiment: str) -> list[dict]:
-    """The trials' JSON states from the newest experiment_state file (pickled fields left encoded)."""
-    files = sorted(glob.glob(os.path.join(experiment, "experiment_state-*.json")))
-    if not files:
-        return []
-    with open(files[-1]) as f:
-        state = json.load(f)
-    return [json.loads(trial_json) for trial_json, _ in state.get("trial_data", [])]
-
-
-def _read_jsonl(path: str) -> list[dict]:
-    if not os.path.exists(path):
-        return []
-    rows = []
-    with open(path) as f:
-        for line in f:
-            line = line.strip()
-            if line:
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError:  # a line cut short by a crash: the rest is still good
-                    continue
-    return rows
 
 
 # ------------------------------------------------------------------------------------------- leaderboard

@@ -16,12 +16,12 @@ from dataclasses import dataclass, field
 import yaml
 
 from orchestrator.best import export_best
-from orchestrator.build import ensure_base
+from orchestrator.build import describe_entry, ensure_base
 from orchestrator.cache import BaseCache, CacheError
 from orchestrator.plan import Plan, cluster_problems, local_cluster, make_plan, max_concurrent, sweep_points
 from orchestrator.plots import write_plots
 from orchestrator.results import UNFINISHED, best_records, leaderboard, read_trials, write_leaderboard
-from orchestrator.spec import JobSpec, SpecError, build_spec, spec_to_dict
+from orchestrator.spec import JobSpec, SpecError, build_spec, read_spec_file, spec_to_dict
 from orchestrator.sweep import run_task
 
 SPEC_FILE = "spec.yaml"
@@ -73,6 +73,7 @@ def claim_run_dir(run_dir: str, spec: JobSpec) -> bool:
     """
     resolved = spec_to_dict(spec)
     path = os.path.join(run_dir, SPEC_FILE)
+    check_run_dir(run_dir)
     if os.path.exists(path):
         try:
             earlier = spec_to_dict(read_run_spec(run_dir))
@@ -91,6 +92,16 @@ def claim_run_dir(run_dir: str, spec: JobSpec) -> bool:
     return False
 
 
+def check_run_dir(run_dir: str) -> None:
+    """A run directory is new, empty, or one loftune made (it holds spec.yaml): loftune writes and deletes
+    inside it (`best/<task>` is replaced on every run), so a folder of the user's must never become one."""
+    if os.path.lexists(run_dir) and not os.path.isdir(run_dir):
+        raise SpecError([f"--out: {run_dir} exists and is not a directory"], "run directory")
+    if os.path.isdir(run_dir) and os.listdir(run_dir) and not os.path.isfile(os.path.join(run_dir, SPEC_FILE)):
+        raise SpecError([f"--out: {run_dir} is not empty and is not a loftune run directory (no {SPEC_FILE}); "
+                         f"choose a new or empty directory"], "run directory")
+
+
 def _differences(a, b, path: str = "") -> list[str]:
     """Dotted paths where two spec dicts differ, e.g. ['training.lr', 'tasks[0].max_length']."""
     if isinstance(a, dict) and isinstance(b, dict):
@@ -106,8 +117,7 @@ def read_run_spec(run_dir: str) -> JobSpec:
     path = os.path.join(run_dir, SPEC_FILE)
     if not os.path.exists(path):
         raise SpecError([f"{run_dir} is not a loftune run directory (no {SPEC_FILE})"], "results")
-    with open(path) as f:
-        data = yaml.safe_load(f)
+    data = read_spec_file(path, path)
     problems: list[str] = []
     spec = build_spec(data, problems)
     if problems:
@@ -160,17 +170,23 @@ def connect_cluster(spec: JobSpec, address: str | None) -> dict[str, float]:
 
 
 def build_bases(plan: Plan, cache: BaseCache, address: str | None, summary: RunSummary) -> None:
-    """Each distinct base (and each rank's LoftQ factors) built once, before any trial that needs it."""
+    """Each distinct base (and each rank's LoftQ factors) built once, before any trial that needs it. Every entry
+    a run uses is checked first (sizes, and sha256 once per run): a broken one is rebuilt, identically."""
     actors = plan.spec.resources.build_actors
+    verified: set[str] = set()
     for request in plan.builds:
         name = request.key().name
-        existed = cache.lookup(request.key()) is not None  # a rank-shared base may only lack this rank's factors
-        result = ensure_base(request, cache, actors=actors, address=address)
-        if not result.built:
+        before = describe_entry(request, cache)
+        result = ensure_base(request, cache, actors=actors, address=address, verify_hashes=name not in verified)
+        verified.add(name)
+        if result.repaired:
+            what = f"broken ({result.repaired[0]}), rebuilt"
+            summary.built.append(name)
+        elif not result.built:
             what = "cached"
             if name not in summary.cached:
                 summary.cached.append(name)
-        elif existed:
+        elif before.startswith("factors"):
             what = f"LoftQ factors for rank {request.rank} added"
             summary.factors.append(f"{name} r{request.rank}")
         else:
@@ -180,18 +196,23 @@ def build_bases(plan: Plan, cache: BaseCache, address: str | None, summary: RunS
 
 
 def base_status(plan: Plan, cache: BaseCache) -> dict[str, str]:
-    """For a dry run: what each build would do."""
-    status = {}
+    """For a dry run: what each build would do (sizes are checked, not hashes)."""
+    status: dict[str, str] = {}
     for request in plan.builds:
-        manifest = cache.lookup(request.key())
-        name = request.key().name
-        if manifest is None:
-            status[name] = "to build"
-        elif request.stores_factors and request.rank not in manifest.get("factor_ranks", []):
-            status[name] = status.get(name, "cached") + f", factors for rank {request.rank} to add"
+        name, what = request.key().name, describe_entry(request, cache)
+        if what.startswith("factors"):
+            status[name] = status.get(name, "cached") + f", {what}"
         else:
-            status.setdefault(name, "cached")
+            status.setdefault(name, what)
     return status
+
+
+def open_cache(spec: JobSpec) -> BaseCache:
+    """The spec's cache; a location that cannot be a cache is a spec problem (exit 2), not a traceback."""
+    try:
+        return BaseCache(spec.cache.uri)
+    except ValueError as exc:
+        raise SpecError([f"cache.uri: {exc}"]) from None
 
 
 def collect_results(run_dir: str, spec: JobSpec, cache: BaseCache | None, export: bool) -> RunSummary:
@@ -217,7 +238,8 @@ def collect_results(run_dir: str, spec: JobSpec, cache: BaseCache | None, export
 
 def execute(spec: JobSpec, run_dir: str, address: str | None = None) -> RunSummary:
     """Run (or resume) the whole job; returns what it did and the leaderboard."""
-    cache = BaseCache(spec.cache.uri)
+    check_run_dir(run_dir)  # before any work: a folder of the user's never becomes a run directory
+    cache = open_cache(spec)
     plan = make_plan(spec, work_dir(cache))
     plan.train_sizes = check_task_data(spec, plan)
     cluster = connect_cluster(spec, address)

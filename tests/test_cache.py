@@ -156,6 +156,7 @@ def test_miss_then_build_then_hit(cache):
     assert set(cache.read_file(key.name, "base-00000.safetensors")) == {"codes", "scales"}
     [summary] = cache.ls()
     assert summary["name"] == key.name and summary["key"] == key.fields()
+    assert summary["status"] == "ok" and summary["problem"] is None
     assert summary["bytes"] == sum(r["bytes"] for r in manifest["files"].values())
     assert cache.verify() == [] and cache.verify(key.name) == []
     assert cache.gc(grace_seconds=0) == []
@@ -374,7 +375,9 @@ def test_manifest_that_is_not_json_is_corrupt(cache):
     cache.fs.pipe_file(path, b'{"format_version": 1, "na')
     with pytest.raises(CacheCorruptError, match="manifest.json not valid JSON"):
         cache.lookup(key)
-    assert cache.ls() == []
+    [listed] = cache.ls()  # listed as broken, not hidden
+    assert (listed["name"], listed["status"], listed["bytes"]) == (key.name, "broken", None)
+    assert "manifest.json not valid JSON" in listed["problem"]
     assert len(cache.verify()) == 1 and "manifest.json" in cache.verify()[0]
     assert cache.gc(grace_seconds=0) == []  # never delete what cannot be read
 
@@ -445,7 +448,7 @@ def test_manifest_with_escaping_paths_is_rejected(cache, field, value):
     for call in (cache.lookup, cache.show, cache.read_all, lambda n: cache.read_file(n, "rest.safetensors")):
         with pytest.raises(CacheCorruptError, match="cannot escape the cache root"):
             call(key.name)
-    assert cache.ls() == []
+    assert [(e["status"], "cannot escape the cache root" in e["problem"]) for e in cache.ls()] == [("broken", True)]
     [problem] = cache.verify()
     assert "cannot escape the cache root" in problem
     assert cache.gc(grace_seconds=0) == []

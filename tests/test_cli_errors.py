@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -125,3 +126,20 @@ def test_the_installed_command_exits_2_without_traceback(tmp_path, data, needle)
     proc = subprocess.run([loftune, "validate", write(tmp_path, data)], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr
     assert needle in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_results_of_a_run_whose_spec_or_records_are_corrupt(tmp_path, capsys):
+    """A corrupt spec.yaml is exit 2 naming the file; a corrupt trial record is skipped with a warning naming it."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "spec.yaml").write_bytes(b"name: x\nmodel: \xff\xfe\n")
+    assert_invalid(*run_cli(["results", str(run_dir)], capsys), "spec.yaml: 1 problem(s)\n  not UTF-8")
+    (run_dir / "spec.yaml").write_text("{" * 2000)
+    assert_invalid(*run_cli(["results", str(run_dir)], capsys), "spec.yaml")
+    (run_dir / "spec.yaml").write_text(yaml.safe_dump(VALID))
+    (run_dir / "trials" / "t1").mkdir(parents=True)
+    (run_dir / "trials" / "t1" / "trial.json").write_text('{"trial": {"id": "t1"}, "stat')
+    (run_dir / "trials" / "t1" / "reports.jsonl").write_text("\x00\x01 not json\n")
+    code, out, err = run_cli(["results", str(run_dir), "--json"], capsys)
+    assert code == 0 and "ignoring the unreadable trial record" in err and "t1" in err and "Traceback" not in err
+    assert json.loads(out)["leaderboard"] == []

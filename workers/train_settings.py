@@ -10,6 +10,8 @@ import dataclasses
 import math
 from dataclasses import asdict, dataclass
 
+from workers.messages import brief
+
 ZERO_STAGES = (0, 1, 2, 3)
 PRECISIONS = ("fp32", "bf16")
 SCHEDULES = ("linear", "cosine", "constant")
@@ -31,6 +33,7 @@ class TrainSettings:
 
     zero_stage: int = 0
     precision: str = "fp32"
+    activation_checkpointing: bool = False  # recompute each block's activations in backward: memory for compute
     micro_batch_size: int = 16
     grad_accum: int = 1
     max_steps: int = 100
@@ -50,27 +53,30 @@ class TrainSettings:
         """Every invalid field, each as '<path>.<field>: expected ..., got ...'."""
         out = []
         if self.zero_stage not in ZERO_STAGES:
-            out.append(f"{path}.zero_stage: expected one of {list(ZERO_STAGES)}, got {self.zero_stage!r}")
+            out.append(f"{path}.zero_stage: expected one of {list(ZERO_STAGES)}, got {brief(self.zero_stage)}")
         if self.precision not in PRECISIONS:
             out.append(f"{path}.precision: expected one of {list(PRECISIONS)} (fp16 is not supported on the CPU), "
-                       f"got {self.precision!r}")
+                       f"got {brief(self.precision)}")
+        if not isinstance(self.activation_checkpointing, bool):
+            out.append(f"{path}.activation_checkpointing: expected true or false, "
+                       f"got {brief(self.activation_checkpointing)}")
         if self.schedule not in SCHEDULES:
-            out.append(f"{path}.schedule: expected one of {list(SCHEDULES)}, got {self.schedule!r}")
+            out.append(f"{path}.schedule: expected one of {list(SCHEDULES)}, got {brief(self.schedule)}")
         for name in ("micro_batch_size", "grad_accum", "max_steps", "report_every", "eval_every", "checkpoint_every"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                out.append(f"{path}.{name}: expected an integer >= 1, got {value!r}")
+                out.append(f"{path}.{name}: expected an integer >= 1, got {brief(value)}")
         for name in ("lr", "weight_decay", "grad_clip"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-                out.append(f"{path}.{name}: expected a finite number >= 0, got {value!r}")
+                out.append(f"{path}.{name}: expected a finite number >= 0, got {brief(value)}")
         if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
-            out.append(f"{path}.warmup_steps: expected an integer >= 0, got {self.warmup_steps!r}")
+            out.append(f"{path}.warmup_steps: expected an integer >= 0, got {brief(self.warmup_steps)}")
         if self.epochs is not None:
             if isinstance(self.epochs, bool) or not isinstance(self.epochs, int) or self.epochs < 1:
-                out.append(f"{path}.epochs: expected an integer >= 1 or null, got {self.epochs!r}")
+                out.append(f"{path}.epochs: expected an integer >= 1 or null, got {brief(self.epochs)}")
             elif self.max_steps != DEFAULT_MAX_STEPS:
-                out.append(f"{path}.epochs: give max_steps or epochs, not both (max_steps is {self.max_steps!r}, "
+                out.append(f"{path}.epochs: give max_steps or epochs, not both (max_steps is {brief(self.max_steps)}, "
                            f"epochs {self.epochs})")
         return out
 
@@ -92,13 +98,13 @@ class AdapterSettings:
     def problems(self, path: str = "adapter") -> list[str]:
         out = []
         if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
-            out.append(f"{path}.rank: expected an integer >= 1, got {self.rank!r}")
+            out.append(f"{path}.rank: expected an integer >= 1, got {brief(self.rank)}")
         if not isinstance(self.alpha, (int, float)) or self.alpha <= 0:
-            out.append(f"{path}.alpha: expected a number > 0, got {self.alpha!r}")
+            out.append(f"{path}.alpha: expected a number > 0, got {brief(self.alpha)}")
         if not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
-            out.append(f"{path}.dropout: expected a number in [0, 1), got {self.dropout!r}")
+            out.append(f"{path}.dropout: expected a number in [0, 1), got {brief(self.dropout)}")
         if self.init not in INITS:
-            out.append(f"{path}.init: expected one of {list(INITS)}, got {self.init!r}")
+            out.append(f"{path}.init: expected one of {list(INITS)}, got {brief(self.init)}")
         return out
 
 
