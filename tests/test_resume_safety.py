@@ -16,6 +16,8 @@ import shutil
 import pytest
 from conftest import loftune
 
+from orchestrator.cache import BaseCache
+
 pytestmark = pytest.mark.slow
 
 TRAINABLE, STATE = "trainable.safetensors", "state.json"
@@ -175,3 +177,33 @@ def test_a_copied_cache_trains_after_the_model_moved(minilm_dir, tmp_path):
     summary = json.loads(proc.stdout)
     assert summary["built"] == [] and len(summary["cached"]) == 1  # the copied entry, same key
     assert [r["status"] for r in summary["leaderboard"]] == ["done"]
+
+
+def test_a_truncated_shard_is_caught_before_any_trial_and_rebuilt(sweep, copied_run, tmp_path):
+    """`run --dry-run` says the entry is broken instead of cached; `run` rebuilds it (content-addressed: the same
+    bytes) before anything reads it, and the run then ends as before."""
+    cache = str(tmp_path / "cache")
+    shutil.copytree(sweep["cache"], cache)
+    spec = tmp_path / "job.yaml"
+    with open(sweep["spec"]) as f:
+        spec.write_text(f.read().replace(sweep["cache"], cache))
+    with open(os.path.join(copied_run, "spec.yaml")) as f:
+        resolved = f.read().replace(sweep["cache"], cache)
+    with open(os.path.join(copied_run, "spec.yaml"), "w") as f:
+        f.write(resolved)
+    [shard, *_] = sorted(glob.glob(os.path.join(cache, "bases", "*", "*", "base-00000.safetensors")))
+    with open(shard, "rb") as f:
+        original = f.read()
+    with open(shard, "r+b") as f:
+        f.truncate(len(original) // 2)
+    entry = shard.split(os.sep)[-3]
+    dry = loftune("run", str(spec), "--out", copied_run, "--dry-run", timeout=300)
+    assert dry.returncode == 0, dry.stderr[-2000:]
+    assert f"{entry}  [broken (" in dry.stdout and "will be rebuilt" in dry.stdout
+    proc = loftune("run", str(spec), "--out", copied_run, "--json")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"base {entry}: broken (" in proc.stderr and "rebuilt" in proc.stderr
+    build_id = BaseCache(cache).show(entry)["build_id"]
+    with open(os.path.join(cache, "bases", entry, build_id, "base-00000.safetensors"), "rb") as f:
+        assert f.read() == original
+    assert {r["status"] for r in json.loads(proc.stdout)["leaderboard"]} == {"done"}
