@@ -101,7 +101,8 @@ def tiny_llama_base(tmp_path_factory):
 
 
 def test_causal_lm_training_on_tiny_llama(tiny_llama_base, tmp_path):
-    """A causal LM (LoftQ NF2 tiny Llama) trains through the same path and reports perplexity."""
+    """A causal LM (LoftQ NF2 tiny Llama) trains through the same path, with activation checkpointing on, and
+    reports perplexity (tests/test_model_build.py checks that checkpointing leaves the gradients unchanged)."""
     from workers.model_source import minilm_path
 
     cache, entry = tiny_llama_base
@@ -111,7 +112,8 @@ def test_causal_lm_training_on_tiny_llama(tiny_llama_base, tmp_path):
     task = TaskSpec(name="lm", type="causal_lm", train_file=str(data), max_length=24)
     job = job_config(cache, entry, adapter=AdapterSettings(rank=4, alpha=8), task=task, tokenizer_dir=minilm_path(),
                      training=TrainSettings(max_steps=12, micro_batch_size=8, report_every=4, eval_every=12,
-                                            checkpoint_every=12, lr=3e-3, warmup_steps=0))
+                                            checkpoint_every=12, lr=3e-3, warmup_steps=0,
+                                            activation_checkpointing=True))
     result = make_trainer(job, Resources(workers=1), str(tmp_path), "lm").fit()
     assert result.error is None and result.metrics["step"] == 12
     # a random start is about uniform over the 30,522-token vocabulary; 12 steps must already beat it clearly

