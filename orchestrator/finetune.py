@@ -1,8 +1,9 @@
 """Launch one fine-tuning job on a cached base: a Ray Train TorchTrainer whose workers run DeepSpeed.
 
-The driver reads the entry once and puts its tensors in the object store; every worker of the job reads
-them from there (shared memory on one node), builds the model and trains (workers/train_loop.py). A worker
-group that fails is restarted from the latest checkpoint (FailureConfig), so the step count continues.
+The driver reads the entry once and puts its tensors in the object store as raw bytes; every worker of the job
+views them there without a copy (shared memory on one node, workers/shared_tensors.py), builds the model and
+trains (workers/train_loop.py). A worker group that fails is restarted from the latest checkpoint
+(FailureConfig), so the step count continues.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 
 from orchestrator.build import entry_tokenizer_files, load_entry_tensors
 from orchestrator.cache import BaseCache
+from workers.shared_tensors import to_shared
 from workers.train_loop import JobConfig, train_func
 
 
@@ -59,7 +61,7 @@ def job_config(cache: BaseCache, entry: str, *, adapter, training, task, tokeniz
     rank = adapter.rank if adapter.init == "loftq" else None
     tensors = load_entry_tensors(cache, entry, rank=rank, verify=False)  # the driver verified hashes once per run
     kind = "qalora" if manifest.get("method") == "qalora" else "lora"
-    return JobConfig(model_config=manifest["model"]["config"], base_ref=ray.put(tensors), adapter_kind=kind,
+    return JobConfig(model_config=manifest["model"]["config"], base_ref=ray.put(to_shared(tensors)), adapter_kind=kind,
                      adapter=adapter, training=training, task=task,
                      tokenizer_dir=tokenizer_dir or manifest["model"]["path"], threads_per_worker=threads_per_worker,
                      resume_from=resume_from, tokenizer_files=entry_tokenizer_files(cache, entry) or None)

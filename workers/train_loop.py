@@ -31,6 +31,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from workers.shared_tensors import from_shared
 from workers.surgery import apply_quantized_base, empty_parameters, init_missing, is_plain
 from workers.train_settings import AdapterSettings, TrainSettings, deepspeed_config, lr_multiplier, with_epoch_steps
 
@@ -48,7 +49,7 @@ class JobConfig:
     """Everything one fine-tuning job needs; built by the orchestrator, passed to every worker."""
 
     model_config: dict  # the base model's config.json
-    base_ref: object  # ray.ObjectRef of the cache entry's tensors (dict[str, Tensor])
+    base_ref: object  # ray.ObjectRef of the cache entry's tensors (workers.shared_tensors.to_shared of them)
     adapter_kind: str  # "lora" | "qalora"
     adapter: AdapterSettings
     training: TrainSettings
@@ -287,7 +288,7 @@ def train_func(config: dict) -> None:
     data = load_task(job.task, tokenizer)
     settings = with_epoch_steps(job.training, len(data.train), world)  # max_steps from epochs, if given
     num_labels = {"classification": data.num_labels, "regression": 1}.get(job.task.type)
-    model = build_model(job, ray.get(job.base_ref), num_labels)
+    model = build_model(job, from_shared(ray.get(job.base_ref)), num_labels)  # views of the object store
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=settings.lr, weight_decay=settings.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_multiplier(settings, step))
@@ -371,12 +372,22 @@ def _train(engine, scheduler, data, tokenizer, job: JobConfig, settings: TrainSe
             elapsed = time.perf_counter() - window_start
             metrics.update(step=step, max_steps=settings.max_steps, resumed_from=resumed_from,
                            loss=window_loss / max(window_n, 1), lr=scheduler.get_last_lr()[0],
-                           samples_per_s=window_n * settings.micro_batch_size * world / max(elapsed, 1e-9))
+                           samples_per_s=window_n * settings.micro_batch_size * world / max(elapsed, 1e-9),
+                           worker_peak_rss_mib=peak_rss_mib())
             window_start, window_loss, window_n = time.perf_counter(), 0.0, 0
         if step % settings.checkpoint_every == 0 or last:
             _report_checkpoint(engine, step, metrics, resumed_from, data)
         elif metrics:
             ray.train.report(metrics)
+
+
+def peak_rss_mib() -> float | None:
+    """This worker's peak resident memory so far (VmHWM, Linux), in MiB: what a node must hold for it."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        return None
 
 
 def _report_checkpoint(engine, step: int, metrics: dict, resumed_from: int, data) -> None:
