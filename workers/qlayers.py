@@ -1,7 +1,10 @@
 """The quantized linear layer with a LoRA (or QA-LoRA) adapter.
 
 The frozen base is kept packed (uint8 codes + scales + zero points, registered as buffers so that
-DeepSpeed ZeRO-3 never partitions them) and dequantized on the fly in `forward`. The adapter is
+DeepSpeed ZeRO-3 never partitions them) and dequantized on the fly: `QuantMatmul` dequantizes into a
+transient in forward and again in backward, so between the two autograd keeps only references to the
+packed buffers, never a weight-sized tensor (the adapter branch keeps its input, as any LoRA does). On the
+CPU that transient lives in one per-thread buffer that every layer reuses. The adapter is ordinary autograd:
 
     lora:    y = W~ x + b + s * B @ A @ dropout(x)                 A: [r, in]
     qalora:  y = W~ x + b + s * B @ A @ pool_L(dropout(x))          A: [r, in / L]
@@ -17,12 +20,70 @@ bf16). DeepSpeed's bf16 mode casts only parameters: the adapters and the bias.
 from __future__ import annotations
 
 import math
+import threading
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from workers.quant import QuantizedTensor, QuantSpec, dequantize
+
+_WORKSPACE = threading.local()
+
+
+def _transient_weight(q: QuantizedTensor, dtype: torch.dtype) -> torch.Tensor:
+    """The dequantized weight for one matmul, valid until the next call on this thread.
+
+    On the CPU every layer writes it into one per-thread buffer sized for the largest layer seen: a fresh
+    weight-sized tensor costs page faults that took longer than the dequantization itself (bench_dequant.py:
+    4096x11008 NF4 to bf16, about 40 ms fresh against 15 ms reused). The training peak already counts one
+    transient weight, so this adds nothing to it. Other devices reuse memory through their caching allocator.
+    """
+    if q.packed.device.type != "cpu":
+        return dequantize(q, dtype)
+    nbytes = q.shape[0] * q.shape[1] * dtype.itemsize
+    buffer = getattr(_WORKSPACE, "buffer", None)
+    if buffer is None or buffer.numel() < nbytes:
+        _WORKSPACE.buffer = None  # free the smaller one first: never two alive at once
+        buffer = _WORKSPACE.buffer = torch.empty(nbytes, dtype=torch.uint8)
+    return dequantize(q, dtype, out=buffer[:nbytes].view(dtype).view(q.shape))
+
+
+def release_workspace() -> None:
+    """Free this thread's transient-weight buffer (e.g. before measuring resident memory after training)."""
+    _WORKSPACE.buffer = None
+
+
+class QuantMatmul(torch.autograd.Function):
+    """y = x @ dequant(Q)^T + b, with no gradient for Q: backward dequantizes again rather than keep W~."""
+
+    @staticmethod
+    def forward(ctx, x, packed, scales, zeros, spec, shape, bias):
+        """Dequantize into a transient in x's dtype, multiply, and keep only the packed buffers."""
+        weight = _transient_weight(QuantizedTensor(packed, scales, zeros, spec, shape), x.dtype)
+        ctx.spec, ctx.shape, ctx.dtype, ctx.has_bias = spec, shape, x.dtype, bias is not None
+        ctx.save_for_backward(packed, scales, zeros)  # the module's buffers themselves, not copies
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        """grad_x = grad_y @ W~ from a second dequantization; None for the packed buffers."""
+        packed, scales, zeros = ctx.saved_tensors
+        grad_x = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            q = QuantizedTensor(packed, scales, zeros, ctx.spec, ctx.shape)
+            # a double backward (create_graph) would keep the weight in its graph: give it its own copy
+            weight = dequantize(q, ctx.dtype) if torch.is_grad_enabled() else _transient_weight(q, ctx.dtype)
+            grad_x = grad_y.to(ctx.dtype) @ weight
+        if ctx.has_bias and ctx.needs_input_grad[6]:  # the bias is frozen in loftune; honour a caller's choice
+            grad_bias = grad_y.reshape(-1, grad_y.shape[-1]).sum(0)
+        return grad_x, None, None, None, None, None, grad_bias
+
+
+def quant_linear(x: torch.Tensor, quantized: QuantizedTensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear(x, dequantize(quantized, x.dtype), bias) that keeps no dequantized weight for backward."""
+    return QuantMatmul.apply(x, quantized.packed, quantized.scales, quantized.zeros, quantized.spec,
+                             quantized.shape, bias)
 
 
 class QuantLoraLinear(nn.Module):
@@ -81,6 +142,7 @@ class QuantLoraLinear(nn.Module):
             self.lora_B.copy_(lora_B)
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The base weight dequantized as `dtype` (a fresh tensor; the layer never keeps one)."""
         return dequantize(self.quantized, dtype)
 
     def delta_weight(self) -> torch.Tensor:
@@ -112,7 +174,7 @@ class QuantLoraLinear(nn.Module):
             self._zeros_before_merge, self.merged = None, False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.dequantized_weight(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        y = quant_linear(x, self.quantized, None if self.bias is None else self.bias.to(x.dtype))
         if self.rank == 0 or self.merged:
             return y
         h = self.dropout(x)

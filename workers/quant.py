@@ -7,8 +7,8 @@ plus a lookup table T (the NF codebook, or per-group scale and zero point for IN
     NF-k:  W[o, i] ~ codebook[c] * scale[o, g]            (symmetric, absmax scale)
     INT-k: W[o, i] ~ scale[o, g] * c + zero[o, g]           (asymmetric min-max, QA-LoRA's form)
 
-Everything is vectorized: no Python loop over groups or elements (only over blocks of ~2^18 weights,
-to keep temporaries small), and no [numel, 2^bits] temporary (an NF code is the count of codebook
+Everything is vectorized: no Python loop over groups or elements (quantization runs over blocks of ~2^18
+weights to keep temporaries small), and no [numel, 2^bits] temporary (an NF code is the count of codebook
 midpoints below the normalized value).
 """
 
@@ -309,6 +309,123 @@ def quantize(weight: torch.Tensor, spec: QuantSpec) -> QuantizedTensor:
     return QuantizedTensor(pack_codes(codes, spec.bits), scales, zeros, spec, tuple(weight.shape))
 
 
-def dequantize(q: QuantizedTensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """The [out, in] matrix a QuantizedTensor stands for, as `dtype`."""
-    return dequantize_codes(q.codes(), q.scales, q.zeros, q.spec, dtype)
+def dequantize(
+    q: QuantizedTensor, dtype: torch.dtype = torch.float32, *, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The [out, in] matrix a QuantizedTensor stands for, as `dtype` (or into `out`, contiguous [out, in]).
+
+    Values are the fp32 products codebook[c] * scale (INT: c * scale + zero, two roundings, no FMA) rounded
+    once to the output dtype, bit for bit what unpacking the codes and multiplying gives. A vectorized pass
+    over the packed bytes (the whole matrix at once off the CPU, spans of ~2^20 weights on it): a table maps
+    each byte (3 bits: each 12-bit field) to the fp32 values of the codes it holds, then the group scales
+    (and zeros) broadcast in place.
+    """
+    out = _output_for(q, dtype, out)
+    numel = q.shape[0] * q.shape[1]
+    if numel == 0:
+        return out
+    span = _span_numel(q.spec, numel, q.packed.device)
+    work = _SpanWork(q, span, out.dtype)
+    flat = out.view(-1)
+    for start in range(0, numel, span):
+        work.run(start, min(span, numel - start), flat)
+    return out
+
+
+def _output_for(q: QuantizedTensor, dtype: torch.dtype, out: torch.Tensor | None) -> torch.Tensor:
+    if out is None:
+        return torch.empty(q.shape, dtype=dtype, device=q.packed.device)
+    if tuple(out.shape) != tuple(q.shape) or not out.is_contiguous() or out.device != q.packed.device:
+        raise ValueError(f"dequantize: out must be a contiguous {tuple(q.shape)} tensor on {q.packed.device}, "
+                         f"got {tuple(out.shape)} on {out.device}")
+    return out
+
+
+# Off the CPU the whole matrix is one span. On the CPU a span is about 2^20 weights: the per-span work
+# buffers then come back from the heap warm, where whole-matrix temporaries (int32 indices, fp32 values:
+# 3x a bf16 output) cost fresh page faults that took longer than the decoding itself (bench_dequant.py),
+# and would add 3x the transient weight to the training peak.
+CPU_SPAN_NUMEL = 1 << 20
+
+
+def _span_numel(spec: QuantSpec, numel: int, device: torch.device) -> int:
+    """Codes per span: whole groups and whole packing units, so every span starts on a byte and a group."""
+    unit = math.lcm(spec.group_size, _pack_unit(spec.bits)[0])
+    whole = -(-numel // unit) * unit
+    return whole if device.type != "cpu" else min(whole, max(1, CPU_SPAN_NUMEL // unit) * unit)
+
+
+# How many codes one table index covers, and the dtype that holds that many fp32 values, so one
+# `index_select` row is a single wide element (a 1-D gather is many times faster than one over rows).
+_CODES_PER_INDEX = {2: 4, 3: 4, 4: 2}
+_WIDE_DTYPES = {2: torch.int64, 4: torch.complex128}
+
+
+@cache
+def _decode_table(kind: str, bits: int, device: str) -> torch.Tensor:
+    """Index (a byte; for 3 bits a 12-bit field) -> fp32 values of the codes it packs, as a 1-D wide tensor."""
+    per = _CODES_PER_INDEX[bits]
+    index = torch.arange(1 << (per * bits), dtype=torch.int64)
+    codes = (index[:, None] >> (torch.arange(per) * bits)) & ((1 << bits) - 1)
+    values = nf_codebook(bits)[codes] if kind == "nf" else codes.to(torch.float32)
+    return values.contiguous().view(_WIDE_DTYPES[per]).view(-1).to(device)
+
+
+class _SpanWork:
+    """Work buffers and tables for dequantizing one matrix span by span (the buffers are reused)."""
+
+    def __init__(self, q: QuantizedTensor, span: int, out_dtype: torch.dtype):
+        self.q, self.bits, self.group = q, q.spec.bits, q.spec.group_size
+        device = q.packed.device
+        self.scales = q.scales.view(-1)
+        self.zeros = q.zeros.view(-1) if q.zeros is not None else None
+        padded = -(-span // 8) * 8  # room for the last unit's padding codes
+        # fp32 output is decoded in place; other dtypes go through one fp32 span buffer
+        self.values = None if out_dtype == torch.float32 else torch.empty(padded, device=device)
+        if self.bits != 8:
+            self.table = _decode_table(q.spec.kind, self.bits, str(device))
+            self.index = torch.empty(padded // _CODES_PER_INDEX[self.bits], dtype=torch.int32, device=device)
+
+    def run(self, start: int, n: int, flat_out: torch.Tensor) -> None:
+        """Dequantize codes [start, start + n) of the row-major matrix into flat_out[start: start + n]."""
+        padded = -(-n // _pack_unit(self.bits)[0]) * _pack_unit(self.bits)[0]
+        # the wide-dtype view of a direct write needs the span 16-byte aligned within its storage
+        direct = (self.values is None and start + padded <= flat_out.numel()
+                  and flat_out.storage_offset() % 4 == 0)
+        values = flat_out[start: start + padded] if direct else self._fp32_buffer(padded, flat_out.device)
+        self._decode(start, padded, values)
+        groups = values[:n].view(-1, self.group)
+        first, last = start // self.group, (start + n) // self.group
+        groups.mul_(self.scales[first:last, None].float())
+        if self.zeros is not None:
+            groups.add_(self.zeros[first:last, None].float())
+        if not direct:
+            flat_out[start: start + n].copy_(values[:n])
+
+    def _fp32_buffer(self, padded: int, device: torch.device) -> torch.Tensor:
+        if self.values is None:  # fp32 output whose last span has padding codes
+            self.values = torch.empty(-(-padded // 8) * 8, device=device)
+        return self.values[:padded]
+
+    def _decode(self, start: int, padded: int, values: torch.Tensor) -> None:
+        """fp32 code values (NF: codebook entries; INT: the integer codes) of `padded` codes from `start`."""
+        unit_codes, unit_bytes = _pack_unit(self.bits)
+        first_byte = start // unit_codes * unit_bytes
+        nbytes = padded // unit_codes * unit_bytes
+        packed = self.q.packed[first_byte: first_byte + nbytes]
+        if self.bits == 8:
+            values.copy_(packed)  # INT8: the byte is the code
+            return
+        index = self.index[: padded // _CODES_PER_INDEX[self.bits]]
+        if self.bits == 3:
+            _three_bit_fields(packed.view(-1, 3), index.view(-1, 2))
+        else:
+            index.copy_(packed)
+        torch.index_select(self.table, 0, index, out=values.view(self.table.dtype))
+
+
+def _three_bit_fields(units: torch.Tensor, index: torch.Tensor) -> None:
+    """Split each 3-byte unit (eight little-endian 3-bit codes) into its two 12-bit halves, in place."""
+    low, high = index[:, 0], index[:, 1]
+    low.copy_(units[:, 1]).bitwise_and_(0xF).bitwise_left_shift_(8).bitwise_or_(units[:, 0])
+    high.copy_(units[:, 2]).bitwise_left_shift_(4).bitwise_or_(units[:, 1] >> 4)
