@@ -13,7 +13,9 @@ finished trials are kept, the others run in a fresh Tune experiment, each from i
 the sweep ends, and never in the run directory, which may sit on shared storage that others can write to.
 Failures are retried at both levels: a worker group restarts inside its Train run, and a trial that still
 fails is retried by Tune, from its last checkpoint too (every Train run of a trial is a fresh one,
-`train/<trial>/<attempt>/`, so Train never reads an earlier run's files either).
+`train/<trial>/<attempt>/`, so Train never reads an earlier run's files either). One cost of a fresh
+experiment: on a resumed sweep, ASHA compares only the trials that run in the new session (the finished ones are
+kept as they ended, not fed back into its rungs).
 """
 
 from __future__ import annotations

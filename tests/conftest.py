@@ -38,6 +38,27 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(scope="session")
+def process_group():
+    """One one-process gloo group for the session, as DeepSpeed needs outside Ray Train (Ray Train workers get
+    theirs from Ray). One for all modules: DeepSpeed keeps a clone of the world group in a module global, so a
+    group torn down and made again in the same process leaves it holding a dead one."""
+    import deepspeed
+
+    env = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(_free_port())}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    deepspeed.init_distributed(dist_backend="gloo")
+    yield
+    deepspeed.comm.destroy_process_group()
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+@pytest.fixture(scope="session")
 def ray_session():
     """One embedded Ray for the whole session (init costs 2-3.5 s)."""
     import ray

@@ -126,3 +126,30 @@ def test_answers_end_at_the_end_token(memorized, data, tokenizer):
         ends = (row == eos).nonzero().flatten()
         assert len(ends) == 1 and (row[ends[0] + 1:] == -1).all()  # nothing but the marker after the end
     assert decode_answer(tokenizer, torch.tensor([3000, eos, 3001, -1]), eos) == tokenizer.decode([3000])
+
+
+def test_held_weights_change_no_answer_and_are_released(memorized, data, tokenizer):
+    """Generation holds each layer's dequantized weight for the call (not one dequantization per token): the
+    tokens are those of the per-forward path, a budget too small to hold any layer changes nothing either, and
+    nothing stays held after the call."""
+    from workers.qlayers import QuantLoraLinear, weights_held
+
+    model, _ = memorized
+    model.eval()
+    layers = [m for m in model.modules() if isinstance(m, QuantLoraLinear)]
+    eos, pad = generation_token_ids(tokenizer)
+    prompts = [prompt_ids(data.eval[i]) for i in range(len(data.eval))]
+    with torch.no_grad():
+        per_forward = model.generate(input_ids=torch.tensor([prompts[0]]), max_new_tokens=MAX_NEW, do_sample=False,
+                                     eos_token_id=eos, pad_token_id=pad)
+    with weights_held(model, torch.float32) as held:
+        assert held == len(layers) and all(m._held is not None for m in layers)
+        with torch.no_grad():
+            cached = model.generate(input_ids=torch.tensor([prompts[0]]), max_new_tokens=MAX_NEW, do_sample=False,
+                                    eos_token_id=eos, pad_token_id=pad)
+    assert torch.equal(cached, per_forward) and all(m._held is None for m in layers)
+    with weights_held(model, torch.float32, budget_bytes=1) as held, torch.no_grad():
+        assert held == 0
+        none_held = model.generate(input_ids=torch.tensor([prompts[0]]), max_new_tokens=MAX_NEW, do_sample=False,
+                                   eos_token_id=eos, pad_token_id=pad)
+    assert torch.equal(none_held, per_forward)

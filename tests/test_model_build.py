@@ -12,7 +12,6 @@ and without it, through real DeepSpeed engines (one gloo process) at ZeRO 0-3.
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
@@ -199,33 +198,6 @@ def test_no_weight_the_entry_replaces_is_randomly_initialized(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------- checkpointing
-
-
-@pytest.fixture(scope="module")
-def process_group():
-    """A one-process gloo group, as DeepSpeed needs outside Ray Train.
-
-    DeepSpeed keeps a clone of the world group in a module global: one made by an earlier test module's group
-    (tests/test_checkpoint.py's, destroyed at its end) is dead, so it is dropped before and after this one."""
-    import deepspeed
-    from deepspeed.utils import groups
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    groups._WORLD_GROUP = None
-    deepspeed.init_distributed(dist_backend="gloo")
-    yield
-    torch.distributed.destroy_process_group()
-    groups._WORLD_GROUP = None
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
 
 
 def step_gradients(source, tensors, zero_stage: int, precision: str, checkpointing: bool):

@@ -4,7 +4,6 @@ kept between forward and backward, and DeepSpeed ZeRO 0-3 (one gloo process on t
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
@@ -156,33 +155,6 @@ def test_the_saved_tensor_count_catches_a_kept_weight():
 
 
 # ------------------------------------------------------------------------------------------- DeepSpeed
-
-
-@pytest.fixture(scope="module")
-def process_group():
-    """A one-process gloo group, as DeepSpeed needs outside Ray Train."""
-    import deepspeed
-    from deepspeed.utils import groups
-
-    # a module that tore its group down with torch.distributed alone leaves DeepSpeed holding the dead world
-    # group's clone (the next engine then fails with "Group ... is not registered"); drop those references
-    if not torch.distributed.is_initialized() and hasattr(groups, "_release_process_group_references"):
-        groups._release_process_group_references()
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    deepspeed.init_distributed(dist_backend="gloo")
-    yield
-    deepspeed.comm.destroy_process_group()  # unlike torch.distributed's, this also releases DeepSpeed's groups
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
 
 
 class Stack(nn.Module):

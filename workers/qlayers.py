@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import math
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -116,6 +118,7 @@ class QuantLoraLinear(nn.Module):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False
         self._zeros_before_merge: torch.Tensor | None = None
+        self._held: torch.Tensor | None = None  # a dequantized weight kept across forwards: see `weights_held`
 
     @property
     def quantized(self) -> QuantizedTensor:
@@ -174,7 +177,12 @@ class QuantLoraLinear(nn.Module):
             self._zeros_before_merge, self.merged = None, False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = quant_linear(x, self.quantized, None if self.bias is None else self.bias.to(x.dtype))
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        held = self._held
+        if held is not None and held.dtype == x.dtype and not torch.is_grad_enabled():
+            y = F.linear(x, held, bias)  # the same values quant_linear would dequantize again
+        else:
+            y = quant_linear(x, self.quantized, bias)
         if self.rank == 0 or self.merged:
             return y
         h = self.dropout(x)
@@ -185,3 +193,32 @@ class QuantLoraLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, quant={self.spec.name}, "
                 f"adapter={self.adapter}, rank={self.rank}, scale={self.scale}")
+
+
+HOLD_BUDGET_BYTES = 2 << 30  # dequantized weights `weights_held` may keep at once (the rest dequantize per call)
+
+
+@contextmanager
+def weights_held(model: nn.Module, dtype: torch.dtype, budget_bytes: int = HOLD_BUDGET_BYTES) -> Iterator[int]:
+    """Within the block, quantized layers keep their dequantized weight (in `dtype`) while the total fits
+    `budget_bytes`, and forwards without gradients use it.
+
+    Generation runs a forward per token, and each would dequantize every layer again: a generate call inside
+    this block dequantizes each held layer once. Outputs are unchanged (the same values, the same matmul).
+    Yields how many layers are held; they are released on exit.
+    """
+    held, used = [], 0
+    try:
+        with torch.no_grad():
+            for module in model.modules():
+                if not isinstance(module, QuantLoraLinear):
+                    continue
+                nbytes = module.out_features * module.in_features * dtype.itemsize
+                if used + nbytes <= budget_bytes:
+                    module._held = module.dequantized_weight(dtype)
+                    held.append(module)
+                    used += nbytes
+        yield len(held)
+    finally:
+        for module in held:
+            module._held = None

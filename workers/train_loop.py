@@ -31,6 +31,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from workers.qlayers import weights_held
 from workers.shared_tensors import from_shared
 from workers.surgery import apply_quantized_base, empty_parameters, init_missing, is_plain
 from workers.train_settings import AdapterSettings, TrainSettings, deepspeed_config, lr_multiplier, with_epoch_steps
@@ -545,9 +546,11 @@ def generate_answers(model, prompts: list[list[int]], *, max_new_tokens: int, eo
     device = next(model.parameters()).device
     input_ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts], device=device)
     attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
-    out = model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
-                         do_sample=False, num_beams=1, eos_token_id=eos_id, pad_token_id=pad_id,
-                         synced_gpus=synced_gpus)
+    dtype = model.get_input_embeddings().weight.dtype  # what the layers' inputs are computed in
+    with weights_held(model, dtype):  # a forward per token: dequantize each layer once per call, not per token
+        out = model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
+                             do_sample=False, num_beams=1, eos_token_id=eos_id, pad_token_id=pad_id,
+                             synced_gpus=synced_gpus)
     new = out[:, width:].cpu()
     answers = torch.full((len(prompts), max_new_tokens), -1, dtype=torch.long)
     answers[:, : new.shape[1]] = new
