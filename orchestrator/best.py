@@ -20,9 +20,10 @@ from orchestrator.cache import BaseCache
 from orchestrator.results import TrialRecord
 from orchestrator.safe_paths import check_component, remove_tree
 from orchestrator.spec import JobSpec, metric_for
+from workers.checkpoint import STATE_FILE, TRAINABLE_FILE
 from workers.export import export_peft_adapter, export_qalora_merged
 from workers.model_source import HEAD_NAMES
-from workers.train_loop import STATE_FILE, TRAINABLE_FILE, JobConfig, build_model
+from workers.train_loop import JobConfig, build_model
 
 BEST_DIR = "best"
 PEFT_TASK_TYPES = {"classification": "SEQ_CLS", "regression": "SEQ_CLS", "causal_lm": "CAUSAL_LM",

@@ -30,7 +30,7 @@ TRIALS_DIR = "trials"
 TRAIN_DIR = "train"  # <run_dir>/train/<trial id>/<attempt>/checkpoint_*: Ray Train's runs of the trial
 TRIAL_FILE = "trial.json"
 REPORTS_FILE = "reports.jsonl"
-CHECKPOINT_FILES = ("trainable.safetensors", "state.json")  # workers.train_loop's TRAINABLE_FILE, STATE_FILE
+CHECKPOINT_FILES = ("trainable.safetensors", "state.json")  # workers.checkpoint's TRAINABLE_FILE, STATE_FILE
 STATUSES = ("running", "done", "stopped early", "failed")
 FINISHED = ("done", "stopped early")  # kept on resume; a failed or interrupted trial runs again
 

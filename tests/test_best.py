@@ -17,8 +17,9 @@ from orchestrator.cache import BaseCache
 from orchestrator.plan import make_plan
 from orchestrator.results import TrialRecord
 from orchestrator.spec import load_spec
+from workers.checkpoint import STATE_FILE, TRAINABLE_FILE
 from workers.surgery import apply_quantized_base
-from workers.train_loop import STATE_FILE, TRAINABLE_FILE, JobConfig, build_model
+from workers.train_loop import JobConfig, build_model
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 

@@ -18,17 +18,10 @@ import transformers
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from workers.checkpoint import OPTIMIZER_FILE, inner_optimizer, load_checkpoint, save_checkpoint, trainable_state
 from workers.matrix_worker import MatrixJob, MatrixWorker
 from workers.quant import QuantSpec
-from workers.train_loop import (
-    OPTIMIZER_FILE,
-    JobConfig,
-    build_model,
-    inner_optimizer,
-    load_checkpoint,
-    save_checkpoint,
-    trainable_state,
-)
+from workers.train_loop import JobConfig, build_model
 from workers.train_settings import AdapterSettings, TrainSettings, deepspeed_config
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")

@@ -15,19 +15,13 @@ import torch
 import transformers
 from safetensors.torch import load_file
 
+from workers.evaluate import decode_answer, generate_answers, generation_token_ids, prompt_ids
 from workers.matrix_worker import MatrixJob, MatrixWorker
 from workers.metrics import exact_match
 from workers.model_source import materialize_tiny
 from workers.quant import QuantSpec
 from workers.tasks import TaskSpec, load_task
-from workers.train_loop import (
-    JobConfig,
-    build_model,
-    decode_answer,
-    generate_answers,
-    generation_token_ids,
-    prompt_ids,
-)
+from workers.train_loop import JobConfig, build_model
 from workers.train_settings import AdapterSettings, TrainSettings
 
 PAIRS = [("the capital of france", "paris"), ("the colour of grass", "green"), ("two plus two", "four"),

@@ -102,3 +102,24 @@ def test_module_casts_move_the_packed_base_but_keep_its_dtype():
         assert buf.dtype == before[name].dtype and torch.equal(buf, before[name])
     layer.float()
     assert layer.lora_A.dtype == torch.float32 and layer.qscales.dtype == torch.float16
+
+
+@pytest.mark.parametrize("poison", [float("nan"), float("inf"), 1e8])
+def test_merge_refuses_a_non_finite_result_and_leaves_the_layer_unmerged(poison):
+    """A NaN / inf adapter, or a fold beyond fp16 zero points (1e8 in B overflows 65504), is refused."""
+    layer, _ = layer_from_loftq(QuantSpec("int", 4, 32, "float16"), adapter="qalora")
+    zeros = layer.qzeros.clone()
+    with torch.no_grad():
+        layer.lora_B[0, 0] = poison
+        if poison == 1e8:
+            layer.lora_A.fill_(1.0)
+    with pytest.raises(ValueError, match="non-finite zero points"):
+        layer.merge()
+    assert not layer.merged and torch.equal(layer.qzeros, zeros)
+
+
+def test_the_layer_names_its_rank_alpha_and_adapter_params_as_peft_and_torchtune_do():
+    layer, _ = layer_from_loftq(QuantSpec("nf", 4, 32), rank=4, scale=2.0)
+    assert layer.r == 4 and layer.alpha == 8.0
+    assert layer.adapter_params() == [layer.lora_A, layer.lora_B]
+    assert {id(p) for p in layer.adapter_params()} == {id(p) for p in layer.parameters() if p.requires_grad}

@@ -18,11 +18,11 @@ from safetensors.torch import load_file
 from orchestrator.build import BuildRequest, ensure_base
 from orchestrator.cache import BaseCache
 from orchestrator.finetune import Resources, job_config, make_trainer
+from workers.checkpoint import OPTIMIZER_FILE, STATE_FILE, TRAINABLE_FILE
 from workers.model_source import ModelSource
 from workers.quant import QuantSpec
 from workers.quant_plan import QuantPlan
 from workers.tasks import TaskSpec
-from workers.train_loop import OPTIMIZER_FILE, STATE_FILE, TRAINABLE_FILE
 from workers.train_settings import AdapterSettings, TrainSettings
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_session")]

@@ -105,12 +105,21 @@ def expand_groups(m: torch.Tensor, group_size: int) -> torch.Tensor:
     return m.repeat_interleave(group_size, dim=1)
 
 
+def group_fold(A: torch.Tensor, B: torch.Tensor, scale: float, group_size: int) -> torch.Tensor:
+    """QA-LoRA's correction per weight of each group, [out, in / L]: s * B @ A / L (float32). Added to the INT
+    zero points, it merges the adapter exactly (the adapter sees the group mean of its input)."""
+    return scale * (B.float() @ A.float()) / group_size
+
+
 def adapter_delta(
     A: torch.Tensor, B: torch.Tensor, scale: float, adapter: str = "lora", group_size: int = 1
 ) -> torch.Tensor:
-    """The full [out, in] weight correction an adapter adds: s*B@A (lora) or expand(s*B@A)/L (qalora)."""
-    delta = scale * (B.float() @ A.float())
-    return expand_groups(delta / group_size, group_size) if adapter == "qalora" else delta
+    """The full [out, in] weight correction an adapter adds: s*B@A (lora) or expand(s*B@A/L) (qalora).
+
+    The one formula for a merged weight, an export and QA-LoRA's zero-point fold (`group_fold`)."""
+    if adapter == "qalora":
+        return expand_groups(group_fold(A, B, scale, group_size), group_size)
+    return scale * (B.float() @ A.float())
 
 
 def _check_args(weight: torch.Tensor, spec: QuantSpec, rank: int, iters: int, scale: float, svd: str,

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from workers.loftq import adapter_delta, group_fold
 from workers.quant import QuantizedTensor, QuantSpec, dequantize
 
 _WORKSPACE = threading.local()
@@ -148,12 +149,24 @@ class QuantLoraLinear(nn.Module):
         """The base weight dequantized as `dtype` (a fresh tensor; the layer never keeps one)."""
         return dequantize(self.quantized, dtype)
 
+    @property
+    def r(self) -> int:
+        """The adapter's rank, by peft's name."""
+        return self.rank
+
+    @property
+    def alpha(self) -> float:
+        """peft's lora_alpha: scale = alpha / r."""
+        return self.scale * self.rank
+
+    def adapter_params(self) -> list[nn.Parameter]:
+        """The parameters that train (as torchtune's LoRA layers name them): A and B, never the frozen base."""
+        return [self.lora_A, self.lora_B]
+
     def delta_weight(self) -> torch.Tensor:
         """The [out, in] correction the adapter adds to the base weight (float32)."""
-        delta = self.scale * (self.lora_B.detach().float() @ self.lora_A.detach().float())
-        if self.adapter == "qalora":
-            delta = (delta / self.spec.group_size).repeat_interleave(self.spec.group_size, dim=1)
-        return delta
+        return adapter_delta(self.lora_A.detach(), self.lora_B.detach(), self.scale, self.adapter,
+                             self.spec.group_size)
 
     def merge(self) -> None:
         """QA-LoRA: fold the adapter into the zero points; the layer is then a plain INT-k layer, same codes.
@@ -165,9 +178,12 @@ class QuantLoraLinear(nn.Module):
                              "for LoRA export a merged full-precision model instead")
         if self.merged:
             return
-        self._zeros_before_merge = self.qzeros.clone()
-        fold = self.scale * (self.lora_B.detach().float() @ self.lora_A.detach().float()) / self.spec.group_size
-        self.qzeros = (self.qzeros.float() + fold).to(self.qzeros.dtype)
+        fold = group_fold(self.lora_A.detach(), self.lora_B.detach(), self.scale, self.spec.group_size)
+        merged = (self.qzeros.float() + fold).to(self.qzeros.dtype)
+        if not torch.isfinite(merged).all():  # a NaN / inf adapter, or zero points beyond their dtype (fp16)
+            raise ValueError(f"merge: folding the adapter gives non-finite zero points (in {self.qzeros.dtype}); "
+                             "the layer is left unmerged")
+        self._zeros_before_merge, self.qzeros = self.qzeros, merged
         self.merged = True
 
     def unmerge(self) -> None:

@@ -5,22 +5,11 @@
     -> report every N steps, evaluate every M, checkpoint (safetensors + JSON) -> resume from the latest
     -> destroy the process group
 
-A checkpoint is one directory that every rank writes into (Ray Train merges the ranks' files):
-
-    trainable.safetensors            rank 0: the trainable tensors (adapters, task head), gathered under ZeRO-3
-    state.json                       rank 0: step and metrics
-    optim-rank00000.safetensors ...  every rank: its optimizer partition (the fp32 master parameters and the
-                                     AdamW moments that DeepSpeed's inner torch optimizer holds on that rank)
-                                     and its RNG state, with a JSON header (world size, ZeRO stage, precision)
-
-Nothing is pickled: checkpoints may sit on shared storage. Resuming restores all of it, so a resumed run
-continues exactly as an uninterrupted one; when the world size changed, the optimizer partitions no longer
-fit and the run continues with fresh moments (logged), as it does from a checkpoint without them.
+The checkpoint format lives in workers/checkpoint.py, evaluation and generation in workers/evaluate.py.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import tempfile
@@ -28,19 +17,13 @@ import time
 from dataclasses import dataclass
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 
-from workers.qlayers import weights_held
+from workers.checkpoint import load_checkpoint, save_checkpoint
+from workers.evaluate import evaluate, quiet_generator
+from workers.qlayers import QuantLoraLinear
 from workers.shared_tensors import from_shared
 from workers.surgery import apply_quantized_base, empty_parameters, init_missing, is_plain
 from workers.train_settings import AdapterSettings, TrainSettings, deepspeed_config, lr_multiplier, with_epoch_steps
-
-TRAINABLE_FILE = "trainable.safetensors"
-STATE_FILE = "state.json"
-OPTIMIZER_FILE = "optim-rank{rank:05d}.safetensors"
-OPTIMIZER_FORMAT = 1
-IGNORE_INDEX = -100  # workers.tasks.IGNORE_INDEX: label of prompt and padding tokens
 
 log = logging.getLogger(__name__)
 
@@ -86,9 +69,10 @@ def build_model(job: JobConfig, tensors: dict[str, torch.Tensor], num_labels: in
                          dropout=job.adapter.dropout, init=job.adapter.init, prefix=prefix)
     init_missing(model)
     from_entry = {prefix + k for k in tensors}
+    adapters = {id(p) for m in model.modules() if isinstance(m, QuantLoraLinear) for p in m.adapter_params()}
     for name, param in model.named_parameters():
         # adapters train; so does anything the entry does not hold (a fresh task head)
-        param.requires_grad = name.endswith(("lora_A", "lora_B")) or name not in from_entry
+        param.requires_grad = id(param) in adapters or name not in from_entry
     if job.training.activation_checkpointing:
         # non-reentrant: reentrant checkpointing drops the gradients of a block whose input needs none (the
         # frozen embeddings' output); the recomputation also replays dropout's RNG, so gradients are unchanged
@@ -102,168 +86,6 @@ def _entry_prefix(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> s
     candidates = ["", getattr(model, "base_model_prefix", "") + "."]
     plain = [k for k in tensors if is_plain(k)]
     return max(candidates, key=lambda p: sum(p + k in names for k in plain))
-
-
-# ----------------------------------------------------------------------------------------------- checkpoints
-
-
-def trainable_state(engine) -> dict[str, torch.Tensor]:
-    """The trainable tensors, gathered from ZeRO-3 partitions on every rank (all ranks must call this)."""
-    import deepspeed
-
-    params = {n: p for n, p in engine.module.named_parameters() if p.requires_grad}
-    with deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=None):
-        return {n: p.detach().float().cpu().clone().contiguous() for n, p in params.items()}
-
-
-def save_checkpoint(directory: str, engine, state: dict) -> None:
-    """Write this rank's part of a checkpoint into `directory` (all ranks must call this).
-
-    Rank 0 writes the trainable tensors and the counters; every rank writes its optimizer partition.
-    """
-    tensors = trainable_state(engine)
-    if engine.global_rank == 0:
-        save_file(tensors, os.path.join(directory, TRAINABLE_FILE))
-        with open(os.path.join(directory, STATE_FILE), "w") as f:
-            json.dump(state, f)
-    save_optimizer_partition(directory, engine)
-
-
-def load_checkpoint(directory: str, engine) -> dict:
-    """Restore trainable tensors (into every rank's partition), the optimizer, and return the saved counters.
-
-    The returned dict is state.json plus `optimizer_restored` (False: fresh moments, see the log).
-    """
-    import deepspeed
-
-    saved = load_file(os.path.join(directory, TRAINABLE_FILE))
-    params = {n: p for n, p in engine.module.named_parameters() if p.requires_grad}
-    with deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=0):
-        for name, param in params.items():
-            param.data.copy_(saved[name].to(param.dtype))
-    # ZeRO 1-3 and bf16 keep fp32 master copies that the next step would copy back over the parameters:
-    # point them at the restored values even when the optimizer partition cannot be loaded below.
-    if hasattr(engine.optimizer, "refresh_fp32_params"):
-        engine.optimizer.refresh_fp32_params()
-    with open(os.path.join(directory, STATE_FILE)) as f:
-        state = json.load(f)
-    state["optimizer_restored"] = load_optimizer_partition(directory, engine)
-    return state
-
-
-def inner_optimizer(engine) -> torch.optim.Optimizer:
-    """The torch optimizer whose parameters are this rank's fp32 (master) tensors and whose state is AdamW's.
-
-    Under ZeRO 1-3 and bf16, DeepSpeed wraps the AdamW it was given and hands it flattened fp32 partitions;
-    at ZeRO 0 in fp32 the engine steps the AdamW itself over the model's parameters.
-    """
-    wrapper = engine.optimizer
-    return wrapper.optimizer if hasattr(wrapper, "optimizer") else wrapper
-
-
-def _layout(engine) -> dict:
-    """What an optimizer partition depends on: it only fits an engine with the same layout."""
-    return {"world_size": engine.world_size, "zero_stage": engine.zero_optimization_stage(),
-            "precision": "bf16" if engine.bfloat16_enabled() else "fp32"}
-
-
-def partition_params(engine) -> list[torch.Tensor]:
-    """This rank's fp32 (master) tensors that the inner optimizer steps, in a fixed order; its state is keyed by them.
-
-    ZeRO-3 hands its flat fp32 partitions to the optimizer one sub-group at a time (its param groups are empty
-    between steps), so they are listed from the ZeRO-3 optimizer itself.
-    """
-    flat = getattr(engine.optimizer, "fp32_partitioned_groups_flat", None)
-    if flat is not None:
-        return list(flat)
-    return [p for group in inner_optimizer(engine).param_groups for p in group["params"]]
-
-
-def save_optimizer_partition(directory: str, engine) -> str:
-    """Write this rank's optimizer partition and RNG state as safetensors (layout in its JSON header)."""
-    optimizer, params = inner_optimizer(engine), partition_params(engine)
-    tensors = {f"param.{i}": p.detach().cpu().contiguous() for i, p in enumerate(params)}
-    scalars = {}  # non-tensor state values (none for torch's AdamW, whose step is a tensor)
-    for i, p in enumerate(params):
-        for key, value in optimizer.state.get(p, {}).items():
-            if torch.is_tensor(value):
-                tensors[f"state.{i}.{key}"] = value.detach().cpu().contiguous()
-            else:
-                scalars[f"{i}.{key}"] = value
-    tensors["rng.cpu"] = torch.get_rng_state()  # dropout masks continue as in an uninterrupted run
-    if torch.cuda.is_available():
-        tensors["rng.cuda"] = torch.cuda.get_rng_state()
-    header = {"format": OPTIMIZER_FORMAT, "rank": engine.global_rank, **_layout(engine), "scalars": scalars}
-    path = os.path.join(directory, OPTIMIZER_FILE.format(rank=engine.global_rank))
-    save_file(tensors, path, metadata={"loftune": json.dumps(header)})
-    return path
-
-
-def _read_header(path: str) -> dict | None:
-    if not os.path.exists(path):
-        return None
-    with safe_open(path, "pt") as f:
-        return json.loads((f.metadata() or {}).get("loftune", "null"))
-
-
-def _partition_source(directory: str, engine) -> tuple[str | None, dict, str]:
-    """The optimizer file this rank can load and its header, or None, {} and the reason why not."""
-    layout = _layout(engine)
-    own = os.path.join(directory, OPTIMIZER_FILE.format(rank=engine.global_rank))
-    header = _read_header(own)
-    if header is not None and all(header.get(k) == v for k, v in layout.items()):
-        return own, header, ""
-    first = os.path.join(directory, OPTIMIZER_FILE.format(rank=0))
-    header0 = _read_header(first)
-    if header0 is None:
-        return None, {}, "the checkpoint has no optimizer state"
-    if layout["zero_stage"] == 0 and header0["zero_stage"] == 0 and header0["precision"] == layout["precision"]:
-        return first, header0, ""  # ZeRO 0 replicates the optimizer on every rank: any copy fits any world size
-    saved = {k: header0.get(k) for k in layout}
-    return None, {}, f"it was saved with {saved}, this run is {layout}"
-
-
-def load_optimizer_partition(directory: str, engine) -> bool:
-    """Load this rank's optimizer partition (master parameters, moments) and RNG state; False if it cannot.
-
-    A partition fits only the world size, ZeRO stage and precision it was saved with (ZeRO 0 state is not
-    partitioned and fits any world size). Otherwise the optimizer keeps its fresh state, with a warning.
-    """
-    source, header, why = _partition_source(directory, engine)
-    params = partition_params(engine)
-    saved = load_file(source) if source else {}
-    shapes = [saved[f"param.{i}"].shape for i in range(sum(k.startswith("param.") for k in saved))]
-    if source and shapes != [p.shape for p in params]:
-        source, why = None, "its partition shapes differ from this run's"
-    if source is None:
-        log.warning("rank %d: not restoring the optimizer state (%s); continuing with fresh AdamW moments",
-                    engine.global_rank, why)
-        return False
-    optimizer, state = inner_optimizer(engine), _unflatten_state(saved, header["scalars"])
-    with torch.no_grad():
-        for i, p in enumerate(params):
-            p.copy_(saved[f"param.{i}"])
-            if i in state:  # torch keeps AdamW's step count on the CPU, the moments beside their parameter
-                optimizer.state[p] = {k: v.to(p.device) if torch.is_tensor(v) and k != "step" else v
-                                      for k, v in state[i].items()}
-    if source.endswith(OPTIMIZER_FILE.format(rank=engine.global_rank)):  # this rank's own RNG stream
-        torch.set_rng_state(saved["rng.cpu"])
-        if torch.cuda.is_available() and "rng.cuda" in saved:
-            torch.cuda.set_rng_state(saved["rng.cuda"])
-    return True
-
-
-def _unflatten_state(saved: dict[str, torch.Tensor], scalars: dict) -> dict[int, dict]:
-    """{'state.3.exp_avg': t, ...} and {'3.foo': 1.0} -> {3: {'exp_avg': t, 'foo': 1.0}}, by parameter position."""
-    state: dict[int, dict] = {}
-    for name, tensor in saved.items():
-        if name.startswith("state."):
-            index, key = name[len("state."):].split(".", 1)
-            state.setdefault(int(index), {})[key] = tensor
-    for name, value in scalars.items():
-        index, key = name.split(".", 1)
-        state.setdefault(int(index), {})[key] = value
-    return state
 
 
 # ----------------------------------------------------------------------------------------------- training
@@ -417,13 +239,7 @@ def _loader(dataset, collate, settings: TrainSettings, rank: int, world: int, ep
 
     sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=epoch_seed)
     return DataLoader(dataset, batch_size=settings.micro_batch_size, sampler=sampler, collate_fn=collate,
-                      drop_last=True, generator=_quiet_generator())
-
-
-def _quiet_generator() -> torch.Generator:
-    """A DataLoader draws a seed from torch's global RNG for every pass unless given its own generator; the
-    global RNG is dropout's, saved in checkpoints, so loaders must not touch it (or a resume would diverge)."""
-    return torch.Generator().manual_seed(0)
+                      drop_last=True, generator=quiet_generator())
 
 
 def _batches_from(loader, skip: int):
@@ -436,142 +252,3 @@ def _batches_from(loader, skip: int):
                 yield batch
             seen += 1
         epoch += 1
-
-
-# ----------------------------------------------------------------------------------------------- evaluation
-
-
-@torch.no_grad()
-def evaluate(engine, data, task, settings: TrainSettings, rank: int, world: int, tokenizer=None) -> dict:
-    """Metrics on the eval split: every rank scores its shard, then predictions are gathered.
-
-    prompt_answer adds `eval_exact_match`: greedy answers generated for the eval prompts (needs `tokenizer`).
-    """
-    engine.eval()
-    try:
-        metrics = _score_eval_split(engine, data, task.type, settings, rank, world)
-        if task.type == "prompt_answer":
-            metrics["eval_exact_match"] = _exact_match(engine, data, task, settings, rank, world, tokenizer)
-    finally:
-        engine.train()
-    return metrics
-
-
-def _score_eval_split(engine, data, task_type: str, settings: TrainSettings, rank: int, world: int) -> dict:
-    """Classification / regression metrics from gathered logits, or the token loss and perplexity of an LM."""
-    from torch.utils.data import DataLoader
-    from torch.utils.data.distributed import DistributedSampler
-
-    from workers.metrics import classification_metrics, perplexity, regression_metrics
-
-    sampler = DistributedSampler(data.eval, num_replicas=world, rank=rank, shuffle=False)
-    loader = DataLoader(data.eval, batch_size=settings.micro_batch_size, sampler=sampler, collate_fn=data.collate,
-                        generator=_quiet_generator())
-    outputs, labels, nll, tokens = [], [], 0.0, 0
-    for i, batch in enumerate(loader):
-        if settings.max_eval_batches is not None and i >= settings.max_eval_batches:
-            break
-        out = engine(**batch)
-        if task_type in ("classification", "regression"):
-            outputs.append(out.logits.float())
-            labels.append(batch["labels"])
-        else:
-            n = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
-            nll, tokens = nll + out.loss.item() * n, tokens + n
-    if task_type in ("classification", "regression"):
-        logits, gold = _gather(torch.cat(outputs), world), _gather(torch.cat(labels), world)
-        if task_type == "classification":
-            return {f"eval_{k}": v for k, v in classification_metrics(logits, gold).items()}
-        return {f"eval_{k}": v for k, v in regression_metrics(logits.squeeze(-1), gold).items()}
-    totals = torch.tensor([nll, float(tokens)])
-    if world > 1:
-        torch.distributed.all_reduce(totals)
-    mean_nll = (totals[0] / totals[1].clamp(min=1)).item()
-    return {"eval_loss": mean_nll, "eval_perplexity": perplexity(mean_nll)}
-
-
-def _exact_match(engine, data, task, settings: TrainSettings, rank: int, world: int, tokenizer) -> float:
-    """Exact match of greedy answers to the eval prompts, generated on every rank's shard and gathered.
-
-    The shards are padded to equal sizes (DistributedSampler repeats a few prompts), so every rank makes the
-    same number of generate calls; under ZeRO-3 `synced_gpus` also keeps each call's forward passes in step,
-    since every forward gathers parameters from all ranks. Repeated prompts are counted once.
-    """
-    from torch.utils.data.distributed import DistributedSampler
-
-    from workers.metrics import exact_match
-
-    indices = list(DistributedSampler(data.eval, num_replicas=world, rank=rank, shuffle=False))
-    if settings.max_eval_batches is not None:
-        indices = indices[: settings.max_eval_batches * settings.micro_batch_size]
-    eos, pad = generation_token_ids(tokenizer)
-    synced = world > 1 and engine.zero_optimization_stage() == 3
-    answers = [generate_answers(engine.module, [prompt_ids(data.eval[i]) for i in chunk],
-                                max_new_tokens=task.max_new_tokens, eos_id=eos, pad_id=pad, synced_gpus=synced)
-               for chunk in _chunks(indices, settings.micro_batch_size)]
-    local = torch.cat(answers) if answers else torch.empty(0, task.max_new_tokens, dtype=torch.long)
-    gathered, order = _gather(local, world), _gather(torch.tensor(indices, dtype=torch.long), world)
-    first = {}  # dataset index -> row of `gathered`, the first time it occurs
-    for row, index in enumerate(order.tolist()):
-        first.setdefault(index, row)
-    predictions = [decode_answer(tokenizer, gathered[row], eos) for row in first.values()]
-    return exact_match(predictions, [data.eval_answers[i] for i in first])
-
-
-def _chunks(items: list, size: int) -> list[list]:
-    return [items[i:i + size] for i in range(0, len(items), size)]
-
-
-def prompt_ids(row: dict) -> list[int]:
-    """The prompt of a tokenized prompt_answer row: the tokens before the first one with a label."""
-    labels = row["labels"]
-    return row["input_ids"][: next((i for i, label in enumerate(labels) if label != IGNORE_INDEX), len(labels))]
-
-
-def generation_token_ids(tokenizer) -> tuple[int | None, int]:
-    """(end, pad) token ids for generation: the end token is the one prompt_answer rows are trained to end with."""
-    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
-    pad = next((t for t in (tokenizer.pad_token_id, eos) if t is not None), 0)
-    return eos, pad
-
-
-def generate_answers(model, prompts: list[list[int]], *, max_new_tokens: int, eos_id: int | None, pad_id: int,
-                     synced_gpus: bool = False) -> torch.Tensor:
-    """Greedy continuations of `prompts` as token ids [len(prompts), max_new_tokens], -1 after each one ends.
-
-    Prompts are left-padded into one batch, so every continuation starts right after its own prompt. The
-    fixed width lets ranks all_gather their answers.
-    """
-    width = max(len(p) for p in prompts)
-    device = next(model.parameters()).device
-    input_ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts], device=device)
-    attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
-    dtype = model.get_input_embeddings().weight.dtype  # what the layers' inputs are computed in
-    with weights_held(model, dtype):  # a forward per token: dequantize each layer once per call, not per token
-        out = model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
-                             do_sample=False, num_beams=1, eos_token_id=eos_id, pad_token_id=pad_id,
-                             synced_gpus=synced_gpus)
-    new = out[:, width:].cpu()
-    answers = torch.full((len(prompts), max_new_tokens), -1, dtype=torch.long)
-    answers[:, : new.shape[1]] = new
-    if eos_id is not None:  # what follows the end token is padding
-        ended = (answers == eos_id).long().cumsum(dim=1) > 0
-        answers[ended & (answers != eos_id)] = -1
-    return answers
-
-
-def decode_answer(tokenizer, answer: torch.Tensor, eos_id: int | None) -> str:
-    """Text of one generated answer: the tokens before its end token, special tokens dropped."""
-    ids = [t for t in answer.tolist() if t >= 0]
-    if eos_id is not None and eos_id in ids:
-        ids = ids[: ids.index(eos_id)]
-    return tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=True)
-
-
-def _gather(t: torch.Tensor, world: int) -> torch.Tensor:
-    if world == 1:
-        return t
-    parts = [torch.empty_like(t) for _ in range(world)]
-    torch.distributed.all_gather(parts, t.contiguous())
-    return torch.cat(parts)
-
