@@ -318,8 +318,14 @@ def dequantize(
     once to the output dtype, bit for bit what unpacking the codes and multiplying gives. A vectorized pass
     over the packed bytes (the whole matrix at once off the CPU, spans of ~2^20 weights on it): a table maps
     each byte (3 bits: each 12-bit field) to the fp32 values of the codes it holds, then the group scales
-    (and zeros) broadcast in place.
+    (and zeros) broadcast in place. On CUDA with triton installed, bits 2/4/8 go through the fused Triton
+    kernel of `workers.kernels` (same bits); this path everywhere else.
     """
+    if q.packed.device.type == "cuda":
+        from workers import kernels
+
+        if kernels.triton_available() and kernels.supports(q):
+            return kernels.dequantize_triton(q, dtype, out=out)
     out = _output_for(q, dtype, out)
     numel = q.shape[0] * q.shape[1]
     if numel == 0:
