@@ -73,7 +73,6 @@ def claim_run_dir(run_dir: str, spec: JobSpec) -> bool:
     """
     resolved = spec_to_dict(spec)
     path = os.path.join(run_dir, SPEC_FILE)
-    check_run_dir(run_dir)
     if os.path.exists(path):
         try:
             earlier = spec_to_dict(read_run_spec(run_dir))
