@@ -6,6 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from bench.bench_dequant import old_dequantize  # the frozen pre-issue-13 dequantize: the bits to hold
 from workers import quant
 from workers.quant import (
     QuantizedTensor,
@@ -202,32 +203,6 @@ def test_damaged_state_dict_gives_clear_error():
 # ------------------------------------------------------------------ the fast dequantization, bit for bit
 
 
-def _reference_dequantize(q: QuantizedTensor, dtype: torch.dtype) -> torch.Tensor:
-    """`dequantize` as it was before the table-driven pass (int32 shift unpacking, then row blocks of
-    2^18 weights), kept here verbatim so that the fast path is held to the same bits."""
-    unit_codes, unit_bytes = {2: (4, 1), 3: (8, 3), 4: (2, 1), 8: (1, 1)}[q.spec.bits]
-    bits, (out_f, in_f) = q.spec.bits, q.shape
-    byte_shifts = torch.arange(unit_bytes, dtype=torch.int32) * 8
-    value = (q.packed.view(-1, unit_bytes).to(torch.int32) << byte_shifts).sum(dim=1, dtype=torch.int32)
-    code_shifts = torch.arange(unit_codes, dtype=torch.int32) * bits
-    codes = ((value[:, None] >> code_shifts) & ((1 << bits) - 1)).reshape(-1)[: out_f * in_f].to(torch.uint8)
-    codes = codes.view(out_f, in_f)
-    groups = in_f // q.spec.group_size
-    out = torch.empty(out_f, in_f, dtype=dtype)
-    book = nf_codebook(bits) if q.spec.kind == "nf" else None
-    step = max(1, (1 << 18) // max(in_f, 1))
-    for start in range(0, out_f, step):
-        rows = slice(start, min(start + step, out_f))
-        c = codes[rows].reshape(-1, groups, q.spec.group_size)
-        s = q.scales[rows].float()[..., None]
-        if book is not None:
-            values = book[c.long()] * s
-        else:
-            values = c.float().mul_(s).add_(q.zeros[rows].float()[..., None])
-        out[rows] = values.view(-1, in_f)
-    return out
-
-
 def _random_quantized(kind, bits, shape, group_size, scale_dtype, seed) -> QuantizedTensor:
     """Arbitrary packed bytes (padding bits included) and scales / zeros over many magnitudes, some exactly 0."""
     gen = torch.Generator().manual_seed(seed)
@@ -259,7 +234,7 @@ def test_dequantize_is_bit_identical_to_the_reference(monkeypatch, kind, bits, s
     for i, (out_f, in_f, group) in enumerate(SHAPES):
         q = _random_quantized(kind, bits, (out_f, in_f), group, scale_dtype, seed=100 * bits + i)
         for dtype in OUT_DTYPES:
-            got, want = dequantize(q, dtype), _reference_dequantize(q, dtype)
+            got, want = dequantize(q, dtype), old_dequantize(q, dtype)
             assert got.dtype == dtype and got.shape == (out_f, in_f)
             assert torch.equal(_bits(got), _bits(want)), (kind, bits, scale_dtype, dtype, (out_f, in_f, group))
 
@@ -269,14 +244,14 @@ def test_dequantize_of_quantized_weights_is_bit_identical(kind, bits):
     """The same on what `quantize` produces (codes chosen against the stored scales)."""
     q = quantize(_weight(64, 256, seed=bits), QuantSpec(kind, bits, 64, "bfloat16"))
     for dtype in OUT_DTYPES:
-        assert torch.equal(_bits(dequantize(q, dtype)), _bits(_reference_dequantize(q, dtype)))
+        assert torch.equal(_bits(dequantize(q, dtype)), _bits(old_dequantize(q, dtype)))
 
 
 def test_dequantize_into_out():
     q = _random_quantized("nf", 4, (16, 128), 32, "float16", seed=1)
     buf = torch.full((16, 128), float("nan"), dtype=torch.bfloat16)
     assert dequantize(q, out=buf) is buf
-    assert torch.equal(_bits(buf), _bits(_reference_dequantize(q, torch.bfloat16)))
+    assert torch.equal(_bits(buf), _bits(old_dequantize(q, torch.bfloat16)))
     with pytest.raises(ValueError, match="contiguous"):
         dequantize(q, out=torch.empty(128, 16).T)
     with pytest.raises(ValueError, match=r"\(16, 128\)"):
