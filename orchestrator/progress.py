@@ -14,6 +14,8 @@ import time
 from ray import tune
 from tqdm import tqdm
 
+from orchestrator.trial_records import FINISHED
+
 TABLE_EVERY_SECONDS = 60.0  # also reprint the table this often while trials run, for long trials
 
 
@@ -73,7 +75,7 @@ class TrialProgress(tune.Callback):
         """A trial from an earlier session: finished, or to continue from its last checkpoint."""
         for report in reports:
             self._fill(row, report)
-        if status in ("done", "stopped early"):
+        if status in FINISHED:
             row["status"] = f"{status} (earlier run)"
             self._advance(row, max((r.get("step", 0) for r in reports), default=0))
             return
