@@ -100,7 +100,7 @@ def one(way: str, dtype: str, cache_dir: str, entry: str) -> dict:
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # VmHWM := VmRSS now
     start = time.perf_counter()
-    model = build_model(job, tensors, None) if way == "meta" else old_build(job, tensors)
+    model = build_model(config, tensors, job.adapter, "lora", None) if way == "meta" else old_build(job, tensors)
     seconds = time.perf_counter() - start
     peak = status_kib("VmHWM")
     assert sum(t.is_meta for t in model.parameters()) == 0

@@ -150,15 +150,13 @@ def _loftune_model(path: str, shape: str, bits: int):
     import torch
     from safetensors.torch import load_file
 
-    from workers.train_loop import JobConfig, build_model
-    from workers.train_settings import AdapterSettings, TrainSettings
+    from workers.train_loop import build_model
+    from workers.train_settings import AdapterSettings
 
     with open(os.path.join(path, "config.json")) as f:
         config = json.load(f)
-    job = JobConfig(model_config=config, base_ref=None, adapter_kind="lora",
-                    adapter=AdapterSettings(rank=RANK, alpha=ALPHA, init="qlora"), training=TrainSettings(),
-                    task=None, tokenizer_dir=path)
-    model = build_model(job, load_file(entry_tensors(shape, bits)), None)
+    model = build_model(config, load_file(entry_tensors(shape, bits)),
+                        AdapterSettings(rank=RANK, alpha=ALPHA, init="qlora"), "lora", None)
     return model.to(torch.bfloat16)  # the non-quantized tensors and adapters in bf16, as DeepSpeed's bf16 mode
 
 

@@ -27,7 +27,7 @@ from orchestrator.build import load_entry_tensors
 from orchestrator.cache import BaseCache
 from orchestrator.spec import load_spec
 from workers.tasks import load_task
-from workers.train_loop import JobConfig, build_model
+from workers.train_loop import build_model
 from workers.train_settings import lr_multiplier
 
 LOFTUNE = os.path.join(os.path.dirname(sys.executable), "loftune")
@@ -47,9 +47,7 @@ def plain_trial(spec, row: dict, cache: BaseCache, tokenizer, data) -> float:
     manifest = cache.show(row["base"])
     adapter = replace(spec.adapter, rank=row["rank"])
     tensors = load_entry_tensors(cache, row["base"], rank=row["rank"] if adapter.init == "loftq" else None)
-    job = JobConfig(model_config=manifest["model"]["config"], base_ref=None, adapter_kind="lora", adapter=adapter,
-                    training=spec.training, task=spec.tasks[0], tokenizer_dir=manifest["model"]["path"])
-    model = build_model(job, tensors, data.num_labels)
+    model = build_model(manifest["model"]["config"], tensors, adapter, "lora", data.num_labels)
     settings = spec.training
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=row["lr"])
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_multiplier(settings, s))

@@ -23,7 +23,7 @@ from orchestrator.spec import JobSpec, metric_for
 from workers.checkpoint import STATE_FILE, TRAINABLE_FILE
 from workers.export import export_peft_adapter, export_qalora_merged
 from workers.model_source import HEAD_NAMES
-from workers.train_loop import JobConfig, build_model
+from workers.train_loop import build_model
 
 BEST_DIR = "best"
 PEFT_TASK_TYPES = {"classification": "SEQ_CLS", "regression": "SEQ_CLS", "causal_lm": "CAUSAL_LM",
@@ -37,11 +37,11 @@ def export_best(run_dir: str, spec: JobSpec, record: TrialRecord, cache: BaseCac
     manifest = cache.show(trial.base)
     adapter = trial.adapter_settings(spec.adapter)
     tensors = load_entry_tensors(cache, trial.base, rank=trial.rank if adapter.init == "loftq" else None)
-    job = JobConfig(model_config=manifest["model"]["config"], base_ref=None,
-                    adapter_kind="qalora" if manifest.get("method") == "qalora" else "lora", adapter=adapter,
-                    training=spec.training, task=task, tokenizer_dir=manifest["model"]["path"])
+    model_config = manifest["model"]["config"]
+    adapter_kind = "qalora" if manifest.get("method") == "qalora" else "lora"
     saved = load_file(os.path.join(record.checkpoint, TRAINABLE_FILE))
-    model = build_model(job, tensors, _num_labels(record.checkpoint, saved, task.type))
+    model = build_model(model_config, tensors, adapter, adapter_kind,
+                        _num_labels(record.checkpoint, saved, task.type))
     missing = set(saved) - set(model.state_dict())
     if missing:
         raise ValueError(f"checkpoint {record.checkpoint} holds tensors the model lacks: {sorted(missing)[:5]}")
@@ -53,8 +53,8 @@ def export_best(run_dir: str, spec: JobSpec, record: TrialRecord, cache: BaseCac
     final = os.path.join(run_dir, BEST_DIR, check_component(task.name, "tasks[].name"))
     tmp = final + ".tmp"
     remove_tree(tmp, run_dir)
-    if job.adapter_kind == "qalora":
-        export_qalora_merged(model, os.path.join(tmp, "merged-quantized"), model_config=job.model_config,
+    if adapter_kind == "qalora":
+        export_qalora_merged(model, os.path.join(tmp, "merged-quantized"), model_config=model_config,
                              provenance=provenance)
     else:
         heads = sorted({name.rsplit(".", 1)[0] for name in saved if not name.endswith(("lora_A", "lora_B"))})

@@ -19,7 +19,7 @@ from orchestrator.results import TrialRecord
 from orchestrator.spec import load_spec
 from workers.checkpoint import STATE_FILE, TRAINABLE_FILE
 from workers.surgery import apply_quantized_base
-from workers.train_loop import JobConfig, build_model
+from workers.train_loop import build_model
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 
@@ -43,10 +43,8 @@ def qalora_run(tmp_path):
         ensure_base(request, cache, progress=False)
     trial = plan.trials[0]
     manifest = cache.show(trial.base)
-    job = JobConfig(model_config=manifest["model"]["config"], base_ref=None, adapter_kind="qalora",
-                    adapter=trial.adapter_settings(spec.adapter), training=spec.training, task=spec.tasks[0],
-                    tokenizer_dir=manifest["model"]["path"])
-    model = build_model(job, load_entry_tensors(cache, trial.base, rank=trial.rank), num_labels=2).eval()
+    model = build_model(manifest["model"]["config"], load_entry_tensors(cache, trial.base, rank=trial.rank),
+                        trial.adapter_settings(spec.adapter), "qalora", num_labels=2).eval()
     torch.manual_seed(3)
     trained = {}
     with torch.no_grad():  # stand-in for training: every trainable tensor moves away from its start
@@ -75,10 +73,9 @@ def test_qalora_best_trial_exports_a_merged_quantized_model(tmp_path, qalora_run
     codes = [k for k in entry if k.endswith(".qweight.codes")]
     assert codes and all(torch.equal(tensors["bert." + k], entry[k]) for k in codes)  # same codes: still INT4
     # a fresh model holding only the merged quantized weights (no adapters) gives the trained model's outputs
-    fresh = build_model(JobConfig(model_config=cache.show(record.trial.base)["model"]["config"], base_ref=None,
-                                  adapter_kind="qalora", adapter=record.trial.adapter_settings(spec.adapter),
-                                  training=spec.training, task=spec.tasks[0], tokenizer_dir=""),
-                        {k: v for k, v in entry.items() if ".qweight." not in k}, num_labels=2)
+    fresh = build_model(cache.show(record.trial.base)["model"]["config"],
+                        {k: v for k, v in entry.items() if ".qweight." not in k},
+                        record.trial.adapter_settings(spec.adapter), "qalora", num_labels=2)
     apply_quantized_base(fresh, tensors, rank=0)
     fresh.eval()
     ids = torch.randint(0, 512, (2, 9), generator=torch.Generator().manual_seed(1))

@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 from workers.checkpoint import OPTIMIZER_FILE, inner_optimizer, load_checkpoint, save_checkpoint, trainable_state
 from workers.matrix_worker import MatrixJob, MatrixWorker
 from workers.quant import QuantSpec
-from workers.train_loop import JobConfig, build_model
+from workers.train_loop import build_model
 from workers.train_settings import AdapterSettings, TrainSettings, deepspeed_config
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -49,10 +49,8 @@ def make_engine(tensors, zero_stage: int, precision: str, seed: int):
     import deepspeed
 
     settings = TrainSettings(zero_stage=zero_stage, precision=precision, micro_batch_size=4, lr=1e-2)
-    job = JobConfig(model_config=CONFIG.to_dict(), base_ref=None, adapter_kind="lora",
-                    adapter=AdapterSettings(rank=4, alpha=8), training=settings, task=None, tokenizer_dir="")
     torch.manual_seed(seed)
-    model = build_model(job, tensors, num_labels=3)
+    model = build_model(CONFIG.to_dict(), tensors, AdapterSettings(rank=4, alpha=8), "lora", num_labels=3)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=settings.lr)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(settings))
     return engine

@@ -21,8 +21,8 @@ from workers.metrics import exact_match
 from workers.model_source import materialize_tiny
 from workers.quant import QuantSpec
 from workers.tasks import TaskSpec, load_task
-from workers.train_loop import JobConfig, build_model
-from workers.train_settings import AdapterSettings, TrainSettings
+from workers.train_loop import build_model
+from workers.train_settings import AdapterSettings
 
 PAIRS = [("the capital of france", "paris"), ("the colour of grass", "green"), ("two plus two", "four"),
          ("the opposite of hot", "cold"), ("a baby cat is a", "kitten"), ("the sky at noon is", "blue"),
@@ -56,10 +56,8 @@ def tiny_llama(root: str) -> torch.nn.Module:
         tensors.update(worker.quantize(job, tensors.pop(module + ".weight")).tensors)
     with open(os.path.join(source.path, "config.json")) as f:
         config = json.load(f)
-    job = JobConfig(model_config=config, base_ref=None, adapter_kind="lora", adapter=AdapterSettings(rank=4, alpha=8),
-                    training=TrainSettings(), task=None, tokenizer_dir="")
     torch.manual_seed(0)
-    return build_model(job, tensors, num_labels=None)
+    return build_model(config, tensors, AdapterSettings(rank=4, alpha=8), "lora", num_labels=None)
 
 
 def answers(model, data, tokenizer, rows: list[int] | None = None) -> torch.Tensor:

@@ -50,6 +50,11 @@ def job_for(source: ModelSource, init: str = "loftq", dropout: float = 0.0, **tr
                      training=TrainSettings(**training), task=None, tokenizer_dir="")
 
 
+def build_on_meta(job: JobConfig, tensors: dict[str, torch.Tensor], num_labels: int | None) -> torch.nn.Module:
+    return build_model(job.model_config, tensors, job.adapter, job.adapter_kind, num_labels,
+                       activation_checkpointing=job.training.activation_checkpointing)
+
+
 def full_build(job: JobConfig, tensors: dict[str, torch.Tensor], num_labels: int | None) -> torch.nn.Module:
     """The old build, as the reference: the whole model randomly initialized, then replaced and loaded."""
     cfg = transformers.AutoConfig.for_model(**job.model_config)
@@ -100,7 +105,7 @@ def tied_llama(tmp_path_factory) -> tuple[ModelSource, dict]:
 def test_causal_lm_built_on_meta_computes_what_the_full_build_computes(tiny_llama, init):
     source, tensors = tiny_llama
     job = job_for(source, init=init)
-    model, reference = build_model(job, tensors, None), full_build(job, tensors, None)
+    model, reference = build_on_meta(job, tensors, None), full_build(job, tensors, None)
     assert not [n for n, t in all_tensors(model).items() if t.is_meta]
     buffers = dict(model.named_buffers())
     for name, buffer in reference.named_buffers():  # rotary inv_freq recomputed off meta, packed bases loaded
@@ -124,7 +129,7 @@ def test_causal_lm_built_on_meta_computes_what_the_full_build_computes(tiny_llam
 def test_tied_embeddings_stay_tied(tied_llama):
     source, tensors = tied_llama
     job = job_for(source)
-    model = build_model(job, tensors, None)
+    model = build_on_meta(job, tensors, None)
     assert model.lm_head.weight is model.model.embed_tokens.weight
     assert torch.equal(model.lm_head.weight, tensors["model.embed_tokens.weight"].float())
     assert torch.equal(logits(model, 512), logits(full_build(job, tensors, None), 512))
@@ -141,7 +146,7 @@ def test_classifier_gets_a_fresh_head_and_the_entry_for_the_rest(name, tmp_path,
     source = classification_case(name, tmp_path, minilm_dir)
     tensors = quantized_entry(source)
     job = job_for(source)
-    model, reference = build_model(job, tensors, 3), full_build(job, tensors, 3)
+    model, reference = build_on_meta(job, tensors, 3), full_build(job, tensors, 3)
     fresh = {n for n, _ in model.named_parameters()} - {"bert." + k for k in tensors}
     assert fresh == {"classifier.weight", "classifier.bias"}
     std = model.config.initializer_range  # transformers' init of a Linear: N(0, initializer_range), bias 0
@@ -162,7 +167,7 @@ def test_a_module_half_in_the_entry_keeps_what_the_entry_holds(tmp_path):
     del tensors["embeddings.LayerNorm.bias"]
     tensors["embeddings.LayerNorm.weight"] = 1 + 0.1 * torch.randn(128)  # not transformers' init (ones)
     before = {k: v.clone() for k, v in tensors.items()}
-    model = build_model(job_for(source), tensors, 3)
+    model = build_on_meta(job_for(source), tensors, 3)
     norm = model.bert.embeddings.LayerNorm
     assert not norm.bias.any() and norm.bias.requires_grad  # fresh: initialized, and trained like the head
     assert torch.equal(norm.weight, tensors["embeddings.LayerNorm.weight"])
@@ -189,7 +194,7 @@ def test_no_weight_the_entry_replaces_is_randomly_initialized(tmp_path):
     source = materialize_tiny("tiny-bert", str(tmp_path / "models"))
     tensors, job = quantized_entry(source), job_for(source, init="qlora")
     with RandomFills() as meta_build:
-        build_model(job, tensors, 3)
+        build_on_meta(job, tensors, 3)
     # only the fresh factors (A: [rank, in]) and the head (classifier.weight: [3, 128]) are drawn
     assert set(meta_build.shapes) == {(RANK, 128), (RANK, 256), (3, 128)}
     with RandomFills() as old_build:
@@ -210,7 +215,7 @@ def step_gradients(source, tensors, zero_stage: int, precision: str, checkpointi
     job = job_for(source, dropout=0.1, zero_stage=zero_stage, precision=precision,
                   activation_checkpointing=checkpointing)
     torch.manual_seed(0)
-    model = build_model(job, tensors, None)
+    model = build_on_meta(job, tensors, None)
     calls = []
     for layer in model.modules():
         if isinstance(layer, QuantLoraLinear):

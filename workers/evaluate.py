@@ -11,7 +11,7 @@ import torch
 
 from workers.qlayers import weights_held
 from workers.tasks import IGNORE_INDEX
-from workers.train_settings import TrainSettings
+from workers.trial_run import TrialRun
 
 
 def quiet_generator() -> torch.Generator:
@@ -21,36 +21,37 @@ def quiet_generator() -> torch.Generator:
 
 
 @torch.no_grad()
-def evaluate(engine, data, task, settings: TrainSettings, rank: int, world: int, tokenizer=None) -> dict:
+def evaluate(run: TrialRun) -> dict:
     """Metrics on the eval split: every rank scores its shard, then predictions are gathered.
 
-    prompt_answer adds `eval_exact_match`: greedy answers generated for the eval prompts (needs `tokenizer`).
+    prompt_answer adds `eval_exact_match`: greedy answers generated for the eval prompts.
     """
-    engine.eval()
+    run.engine.eval()
     try:
-        metrics = _score_eval_split(engine, data, task.type, settings, rank, world)
-        if task.type == "prompt_answer":
-            metrics["eval_exact_match"] = _exact_match(engine, data, task, settings, rank, world, tokenizer)
+        metrics = _score_eval_split(run)
+        if run.task.type == "prompt_answer":
+            metrics["eval_exact_match"] = _exact_match(run)
     finally:
-        engine.train()
+        run.engine.train()
     return metrics
 
 
-def _score_eval_split(engine, data, task_type: str, settings: TrainSettings, rank: int, world: int) -> dict:
+def _score_eval_split(run: TrialRun) -> dict:
     """Classification / regression metrics from gathered logits, or the token loss and perplexity of an LM."""
     from torch.utils.data import DataLoader
     from torch.utils.data.distributed import DistributedSampler
 
     from workers.metrics import classification_metrics, perplexity, regression_metrics
 
-    sampler = DistributedSampler(data.eval, num_replicas=world, rank=rank, shuffle=False)
+    data, settings, world, task_type = run.data, run.settings, run.world, run.task.type
+    sampler = DistributedSampler(data.eval, num_replicas=world, rank=run.rank, shuffle=False)
     loader = DataLoader(data.eval, batch_size=settings.micro_batch_size, sampler=sampler, collate_fn=data.collate,
                         generator=quiet_generator())
     outputs, labels, nll, tokens = [], [], 0.0, 0
     for i, batch in enumerate(loader):
         if settings.max_eval_batches is not None and i >= settings.max_eval_batches:
             break
-        out = engine(**batch)
+        out = run.engine(**batch)
         if task_type in ("classification", "regression"):
             outputs.append(out.logits.float())
             labels.append(batch["labels"])
@@ -69,7 +70,7 @@ def _score_eval_split(engine, data, task_type: str, settings: TrainSettings, ran
     return {"eval_loss": mean_nll, "eval_perplexity": perplexity(mean_nll)}
 
 
-def _exact_match(engine, data, task, settings: TrainSettings, rank: int, world: int, tokenizer) -> float:
+def _exact_match(run: TrialRun) -> float:
     """Exact match of greedy answers to the eval prompts, generated on every rank's shard and gathered.
 
     The shards are padded to equal sizes (DistributedSampler repeats a few prompts), so every rank makes the
@@ -80,15 +81,16 @@ def _exact_match(engine, data, task, settings: TrainSettings, rank: int, world: 
 
     from workers.metrics import exact_match
 
-    indices = list(DistributedSampler(data.eval, num_replicas=world, rank=rank, shuffle=False))
+    data, settings, world, tokenizer, engine = run.data, run.settings, run.world, run.tokenizer, run.engine
+    indices = list(DistributedSampler(data.eval, num_replicas=world, rank=run.rank, shuffle=False))
     if settings.max_eval_batches is not None:
         indices = indices[: settings.max_eval_batches * settings.micro_batch_size]
     eos, pad = generation_token_ids(tokenizer)
     synced = world > 1 and engine.zero_optimization_stage() == 3
     answers = [generate_answers(engine.module, [prompt_ids(data.eval[i]) for i in chunk],
-                                max_new_tokens=task.max_new_tokens, eos_id=eos, pad_id=pad, synced_gpus=synced)
+                                max_new_tokens=run.task.max_new_tokens, eos_id=eos, pad_id=pad, synced_gpus=synced)
                for chunk in _chunks(indices, settings.micro_batch_size)]
-    local = torch.cat(answers) if answers else torch.empty(0, task.max_new_tokens, dtype=torch.long)
+    local = torch.cat(answers) if answers else torch.empty(0, run.task.max_new_tokens, dtype=torch.long)
     gathered, order = _gather(local, world), _gather(torch.tensor(indices, dtype=torch.long), world)
     first = {}  # dataset index -> row of `gathered`, the first time it occurs
     for row, index in enumerate(order.tolist()):

@@ -24,6 +24,7 @@ from workers.qlayers import QuantLoraLinear
 from workers.shared_tensors import from_shared
 from workers.surgery import apply_quantized_base, empty_parameters, init_missing, is_plain
 from workers.train_settings import AdapterSettings, TrainSettings, deepspeed_config, lr_multiplier, with_epoch_steps
+from workers.trial_run import TrialRun
 
 log = logging.getLogger(__name__)
 
@@ -47,17 +48,20 @@ class JobConfig:
 # ----------------------------------------------------------------------------------------------- model
 
 
-def build_model(job: JobConfig, tensors: dict[str, torch.Tensor], num_labels: int | None) -> torch.nn.Module:
+def build_model(model_config: dict, tensors: dict[str, torch.Tensor], adapter: AdapterSettings, adapter_kind: str,
+                num_labels: int | None, *, activation_checkpointing: bool = False) -> torch.nn.Module:
     """The task model with every target linear replaced by a quantized LoRA layer; only adapters and head train.
 
     The full-precision model is never materialized: the architecture is built with its parameters on the meta
     device, the targets become QuantLoraLinear layers over the entry's packed tensors, the entry's other tensors
     are loaded, and only what the entry lacks (a fresh task head) is allocated and initialized, as transformers
-    initializes it. `job.training.activation_checkpointing` turns on transformers' (non-reentrant) checkpointing.
+    initializes it. `num_labels` None builds a causal LM, else a sequence classifier with that many outputs;
+    `adapter_kind` is "lora" or "qalora"; `activation_checkpointing` turns on transformers' (non-reentrant)
+    checkpointing.
     """
     import transformers
 
-    cfg = transformers.AutoConfig.for_model(**job.model_config)
+    cfg = transformers.AutoConfig.for_model(**model_config)
     auto = transformers.AutoModelForCausalLM
     if num_labels is not None:
         cfg.num_labels = num_labels
@@ -65,15 +69,15 @@ def build_model(job: JobConfig, tensors: dict[str, torch.Tensor], num_labels: in
     with empty_parameters():  # a 7B model would be 14-28 GB and minutes of random init, all replaced below
         model = auto.from_config(cfg)
     prefix = _entry_prefix(model, tensors)
-    apply_quantized_base(model, tensors, rank=job.adapter.rank, alpha=job.adapter.alpha, adapter=job.adapter_kind,
-                         dropout=job.adapter.dropout, init=job.adapter.init, prefix=prefix)
+    apply_quantized_base(model, tensors, rank=adapter.rank, alpha=adapter.alpha, adapter=adapter_kind,
+                         dropout=adapter.dropout, init=adapter.init, prefix=prefix)
     init_missing(model)
     from_entry = {prefix + k for k in tensors}
     adapters = {id(p) for m in model.modules() if isinstance(m, QuantLoraLinear) for p in m.adapter_params()}
     for name, param in model.named_parameters():
         # adapters train; so does anything the entry does not hold (a fresh task head)
         param.requires_grad = id(param) in adapters or name not in from_entry
-    if job.training.activation_checkpointing:
+    if activation_checkpointing:
         # non-reentrant: reentrant checkpointing drops the gradients of a block whose input needs none (the
         # frozen embeddings' output); the recomputation also replays dropout's RNG, so gradients are unchanged
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -111,19 +115,21 @@ def train_func(config: dict) -> None:
     data = load_task(job.task, tokenizer)
     settings = with_epoch_steps(job.training, len(data.train), world)  # max_steps from epochs, if given
     num_labels = {"classification": data.num_labels, "regression": 1}.get(job.task.type)
-    model = build_model(job, from_shared(ray.get(job.base_ref)), num_labels)  # views of the object store
+    model = build_model(job.model_config, from_shared(ray.get(job.base_ref)), job.adapter, job.adapter_kind,
+                        num_labels, activation_checkpointing=settings.activation_checkpointing)  # object-store views
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=settings.lr, weight_decay=settings.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_multiplier(settings, step))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=deepspeed_config(settings))
+    run = TrialRun(engine, scheduler, data, tokenizer, job.task, settings, rank, world)
     step, saved_metrics = _resume(engine, scheduler, job.resume_from)
     if step >= settings.max_steps:
         # a run restarted after its final checkpoint: report what it finished with (again as the latest
         # checkpoint, which is what a Result holds), so a Tune trial that missed the final report records it
-        _report_checkpoint(engine, step, {**saved_metrics, "max_steps": settings.max_steps}, step, data)
+        _report_checkpoint(run, step, {**saved_metrics, "max_steps": settings.max_steps}, step)
     else:
-        _train(engine, scheduler, data, tokenizer, job, settings, step, rank, world)
+        _train(run, step)
     # Ray Train destroys the group only for multi-worker groups; an undestroyed group made one run in three
     # abort at exit. Every collective is done: the last report above is a barrier across workers.
     if torch.distributed.is_initialized():
@@ -166,16 +172,16 @@ def _resume(engine, scheduler, resume_from: str | None) -> tuple[int, dict]:
     return state["step"], state.get("metrics", {})
 
 
-def _train(engine, scheduler, data, tokenizer, job: JobConfig, settings: TrainSettings, step: int, rank: int,
-           world: int) -> None:
+def _train(run: TrialRun, step: int) -> None:
     """Optimizer steps from `step` to settings.max_steps, with reports, evaluations and checkpoints."""
     import ray.train
 
+    engine, settings, world = run.engine, run.settings, run.world
     resumed_from = step
-    loader = _loader(data.train, data.collate, settings, rank, world, epoch_seed=settings.seed)
+    loader = _loader(run.data.train, run.data.collate, settings, run.rank, world, epoch_seed=settings.seed)
     if len(loader) == 0:  # every batch would be dropped as incomplete, and the loop would wait forever
-        raise ValueError(f"training: the train split has {len(data.train)} examples, fewer than micro_batch_size "
-                         f"({settings.micro_batch_size}) x {world} workers; lower micro_batch_size")
+        raise ValueError(f"training: the train split has {len(run.data.train)} examples, fewer than "
+                         f"micro_batch_size ({settings.micro_batch_size}) x {world} workers; lower micro_batch_size")
     batches = _batches_from(loader, step * settings.grad_accum)
     window_start, window_loss, window_n = time.perf_counter(), 0.0, 0
     while step < settings.max_steps:
@@ -190,16 +196,16 @@ def _train(engine, scheduler, data, tokenizer, job: JobConfig, settings: TrainSe
         last = step == settings.max_steps
         metrics = {}
         if step % settings.eval_every == 0 or last:
-            metrics.update(evaluate(engine, data, job.task, settings, rank, world, tokenizer))
+            metrics.update(evaluate(run))
         if step % settings.report_every == 0 or metrics:
             elapsed = time.perf_counter() - window_start
             metrics.update(step=step, max_steps=settings.max_steps, resumed_from=resumed_from,
-                           loss=window_loss / max(window_n, 1), lr=scheduler.get_last_lr()[0],
+                           loss=window_loss / max(window_n, 1), lr=run.scheduler.get_last_lr()[0],
                            samples_per_s=window_n * settings.micro_batch_size * world / max(elapsed, 1e-9),
                            worker_peak_rss_mib=peak_rss_mib())
             window_start, window_loss, window_n = time.perf_counter(), 0.0, 0
         if step % settings.checkpoint_every == 0 or last:
-            _report_checkpoint(engine, step, metrics, resumed_from, data)
+            _report_checkpoint(run, step, metrics, resumed_from)
         elif metrics:
             ray.train.report(metrics)
 
@@ -213,13 +219,13 @@ def peak_rss_mib() -> float | None:
         return None
 
 
-def _report_checkpoint(engine, step: int, metrics: dict, resumed_from: int, data) -> None:
+def _report_checkpoint(run: TrialRun, step: int, metrics: dict, resumed_from: int) -> None:
     """Save a checkpoint on every rank and report it with the metrics (all ranks must call this)."""
     import ray.train
     from ray.train import Checkpoint
 
     with tempfile.TemporaryDirectory() as directory:
-        save_checkpoint(directory, engine, _checkpoint_state(step, metrics, data))
+        save_checkpoint(directory, run.engine, _checkpoint_state(step, metrics, run.data))
         torch.distributed.barrier()
         # every rank reports its own files (its optimizer partition); Ray Train merges them into one
         ray.train.report({**metrics, "step": step, "resumed_from": resumed_from},
