@@ -2,7 +2,8 @@
 
 On the CPU the kernel runs under TRITON_INTERPRET=1 (set per test: `workers.kernels` jits the kernel lazily,
 once per interpret setting, so this holds even when another module imported triton first). The `gpu` tests
-run the compiled kernel through the CUDA dispatch of `dequantize`.
+run the compiled kernel directly and through the CUDA dispatch of `dequantize` (where NF4 may take the
+bitsandbytes route instead: tests/test_bnb_nf4.py).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ pytest.importorskip("triton")
 
 from workers import kernels  # noqa: E402
 
-KIND_BITS = [("nf", 2), ("nf", 4), ("int", 2), ("int", 4), ("int", 8)]
+KIND_BITS = [("nf", 2), ("nf", 3), ("nf", 4), ("int", 2), ("int", 3), ("int", 4), ("int", 8)]
 SCALE_DTYPES = ["float16", "bfloat16", "float32"]
 OUT_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
@@ -63,16 +64,40 @@ def test_bf16_rounding_is_to_nearest_even(interpret):
     assert torch.equal(kernels.dequantize_triton(q, torch.bfloat16), dequantize(q, torch.bfloat16))
 
 
-def test_three_bits_stay_on_torch_path(weight):
+@pytest.mark.gpu
+def test_triton_kernel_on_cuda_three_bits(monkeypatch):
+    """The compiled kernel itself (not through the dispatch) on 3 bits, with a masked tail."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    w = torch.randn(1001, 228, generator=torch.Generator().manual_seed(4))
+    for spec in (QuantSpec("nf", 3, 12, "bfloat16"), QuantSpec("int", 3, 76)):
+        q = quantize(w, spec)
+        for dtype in OUT_DTYPES:
+            got = kernels.dequantize_triton(q.to("cuda"), dtype)
+            assert torch.equal(got.cpu(), dequantize(q, dtype)), (spec.name, dtype)
+
+
+@pytest.mark.parametrize("kind", ["nf", "int"])
+def test_three_bits_masked_tail(interpret, kind):
+    """3 bits (8 codes in 3 bytes, codes straddling bytes) on a size that ends inside a packing unit and a
+    kernel block: 5 x 228 = 1140 codes, 142.5 units, groups of 12."""
+    w = torch.randn(5, 228, generator=torch.Generator().manual_seed(3))
+    q = quantize(w, QuantSpec(kind, 3, 12, "bfloat16"))
+    for dtype in OUT_DTYPES:
+        assert torch.equal(kernels.dequantize_triton(q, dtype), dequantize(q, dtype)), (kind, dtype)
+
+
+def test_supports_refuses_other_output_dtypes(weight):
     q = quantize(weight, QuantSpec("nf", 3, 64))
-    assert not kernels.supports(q)
-    with pytest.raises(ValueError, match="not supported"):
-        kernels.dequantize_triton(q, torch.float32)
+    assert kernels.supports(q) and kernels.supports(q, torch.bfloat16)
+    assert not kernels.supports(q, torch.float64)
+    with pytest.raises(ValueError, match="output dtype"):
+        kernels.dequantize_triton(q, torch.float64)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("spec", [QuantSpec("nf", 4, 64), QuantSpec("nf", 2, 64), QuantSpec("int", 4, 32),
-                                  QuantSpec("int", 8, 128, "bfloat16"), QuantSpec("nf", 3, 64)])
+                                  QuantSpec("int", 8, 128, "bfloat16"), QuantSpec("nf", 3, 64),
+                                  QuantSpec("int", 3, 32, "float32")])
 def test_cuda_dispatch_matches_cpu(spec, monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     w = torch.randn(4096, 11008, generator=torch.Generator().manual_seed(0))

@@ -63,11 +63,18 @@ class QuantSpec:
 
 @cache
 def _nf_codebook_f64(bits: int) -> tuple[float, ...]:
+    """QLoRA's construction (bitsandbytes' create_normal_map) step for step in its dtypes, so that NF4 is
+    bitsandbytes' table bit for bit and its CUDA kernel dequantizes our codes exactly: quantile points from a
+    float32 linspace, the normal inverse in float64, rounded to float32, normalized by the maximum in float32.
+    (Until Dec 2026 every step ran in float64: values 1-6 float32 ulps away, far below any quantization error.)"""
     half = 2 ** (bits - 1)
-    ppf = torch.special.ndtri
-    pos = ppf(torch.linspace(NF_OFFSET, 0.5, half + 1, dtype=torch.float64)[:-1])
-    neg = -ppf(torch.linspace(NF_OFFSET, 0.5, half, dtype=torch.float64)[:-1])
-    values = torch.cat([pos, torch.zeros(1, dtype=torch.float64), neg]).sort().values
+
+    def ppf(p: torch.Tensor) -> torch.Tensor:
+        return torch.special.ndtri(p.double()).float()
+
+    pos = ppf(torch.linspace(NF_OFFSET, 0.5, half + 1, dtype=torch.float32)[:-1])
+    neg = -ppf(torch.linspace(NF_OFFSET, 0.5, half, dtype=torch.float32)[:-1])
+    values = torch.cat([pos, torch.zeros(1), neg]).sort().values
     return tuple((values / values.max()).tolist())
 
 
@@ -80,7 +87,7 @@ def _nf_midpoints(bits: int) -> tuple[float, ...]:
 def nf_codebook(bits: int) -> torch.Tensor:
     """The NormalFloat-k codebook (2^k sorted values in [-1, 1], zero included), as float32.
 
-    Built from normal quantiles as in QLoRA; NF4 equals the bitsandbytes table.
+    Built from normal quantiles as in QLoRA; NF4 equals the bitsandbytes table bit for bit (tested).
     """
     if bits not in ALLOWED_BITS["nf"]:
         raise ValueError(f"nf_codebook: bits must be one of {list(ALLOWED_BITS['nf'])}, got {bits!r}")
@@ -318,13 +325,17 @@ def dequantize(
     once to the output dtype, bit for bit what unpacking the codes and multiplying gives. A vectorized pass
     over the packed bytes (the whole matrix at once off the CPU, spans of ~2^20 weights on it): a table maps
     each byte (3 bits: each 12-bit field) to the fp32 values of the codes it holds, then the group scales
-    (and zeros) broadcast in place. On CUDA with triton installed, bits 2/4/8 go through the fused Triton
-    kernel of `workers.kernels` (same bits); this path everywhere else.
+    (and zeros) broadcast in place. On CUDA, NF4 goes through bitsandbytes' kernel where loftune's layout
+    converts exactly (`workers.bnb_nf4`), else the fused Triton kernel of `workers.kernels` (same bits); this
+    path everywhere else.
     """
     if q.packed.device.type == "cuda":
-        from workers import kernels
+        from workers import bnb_nf4, kernels
 
-        if kernels.triton_available() and kernels.supports(q):
+        out_dtype = dtype if out is None else out.dtype
+        if bnb_nf4.bnb_supports(q, out_dtype):
+            return bnb_nf4.dequantize_bnb(q, dtype, out=out)
+        if kernels.triton_available() and kernels.supports(q, out_dtype):
             return kernels.dequantize_triton(q, dtype, out=out)
     out = _output_for(q, dtype, out)
     numel = q.shape[0] * q.shape[1]
