@@ -7,7 +7,8 @@ Rows, each in a fresh process (so one row's allocations never lower the next one
 - `peft-bf16`: peft LoRA r16 on every linear of the bf16 model (the full-precision baseline);
 - `bnb-nf4`: peft + bitsandbytes NF4 QLoRA (its CPU path; bf16 compute), the tool a user would pick instead;
 - `loftune-nf4`, `loftune-nf2`: loftune's packed NF4 / NF2 base (group 64) with r16 adapters, built the way a
-  training worker builds it (`workers.train_loop.build_model` from the entry's tensors);
+  training worker builds it (`workers.train_loop.build_model` from the entry's tensors) and with the loss a
+  worker uses for causal LMs (`workers.lm_loss`: head and cross-entropy over token chunks, no full logits);
 - `-ckpt` variants: the same with activation checkpointing (transformers', non-reentrant).
 
 Shapes: LLaMA-2-7B-shaped blocks (hidden 4096, MLP 11008, 32 heads, vocab 32000; 4 blocks) at micro-batch 1 x 256
@@ -150,6 +151,7 @@ def _loftune_model(path: str, shape: str, bits: int):
     import torch
     from safetensors.torch import load_file
 
+    from workers.lm_loss import use_chunked_loss
     from workers.train_loop import build_model
     from workers.train_settings import AdapterSettings
 
@@ -157,6 +159,7 @@ def _loftune_model(path: str, shape: str, bits: int):
         config = json.load(f)
     model = build_model(config, load_file(entry_tensors(shape, bits)),
                         AdapterSettings(rank=RANK, alpha=ALPHA, init="qlora"), "lora", None)
+    use_chunked_loss(model)  # as a training worker does for causal LMs (workers/lm_loss.py)
     return model.to(torch.bfloat16)  # the non-quantized tensors and adapters in bf16, as DeepSpeed's bf16 mode
 
 
@@ -169,6 +172,10 @@ def measure(config: str, shape: str) -> dict:
 
     torch.set_num_threads(2)
     torch.manual_seed(0)
+    if config.startswith("loftune"):
+        from workers.malloc_tuning import pin_malloc_thresholds
+
+        pin_malloc_thresholds()  # as a training worker does (workers/train_loop.py)
     s = SHAPES[shape]
     model = build(config, shape)
     if config.endswith("-ckpt"):

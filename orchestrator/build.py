@@ -12,10 +12,13 @@ most two per actor in flight, and writes each shard of results as soon as all it
 memory stays near the quantized model plus a few matrices. Shard membership follows the (deterministic)
 schedule, and every matrix has its own seed, so an entry is byte-identical however the work was spread or
 retried. Actors that die are restarted by Ray and their matrix is redone (max_restarts / max_task_retries).
+The full-precision control (bits 16, `BuildRequest.full_precision`) is built the same way, into an entry like the
+others: its actors keep each target weight in bf16 (`<module>.fpweight`, error 0) instead of quantizing it.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import statistics
@@ -30,7 +33,16 @@ import torch
 from tqdm import tqdm
 
 from orchestrator.cache import BaseCache, BaseCacheKey, CacheCorruptError, CacheError, CacheForeignError
-from workers.matrix_worker import METHODS, MatrixJob, MatrixResult, MatrixWorker, is_factor
+from workers.matrix_worker import (
+    FULL_PRECISION_BITS,
+    FULL_PRECISION_DTYPE,
+    FULL_PRECISION_METHOD,
+    METHODS,
+    MatrixJob,
+    MatrixResult,
+    MatrixWorker,
+    is_factor,
+)
 from workers.model_source import ModelSource
 from workers.quant import packed_nbytes
 from workers.quant_plan import QuantPlan
@@ -41,30 +53,55 @@ CONFIG_FILE = "config.json"  # the model's config, in the build folder
 TOKENIZER_DIR = "tokenizer"  # the model's tokenizer as JSON files: <build_id>/tokenizer/*.json
 
 
+# The key's quantization of the full-precision control: no quantizer kind, group size or scale dtype apply to it.
+FULL_PRECISION_QUANT = {"bits": FULL_PRECISION_BITS, "dtype": str(FULL_PRECISION_DTYPE).removeprefix("torch.")}
+
+
 class BuildInputError(ValueError):
     """The request cannot be built as asked (raised before any work starts)."""
 
 
 @dataclass(frozen=True)
 class BuildRequest:
-    """One quantized base: a model, a quantization plan, the method, and the LoftQ rank and iterations."""
+    """One quantized base: a model, a quantization plan, the method, and the LoftQ rank and iterations.
+
+    `plan` None with method 'lora' is the full-precision control (bits 16): its entry holds the target weights in
+    bf16 (no codes, no factors, error 0), built through the same actors. `full_precision` makes one.
+    """
 
     source: ModelSource
-    plan: QuantPlan
+    plan: QuantPlan | None
     method: str = "loftq"
     rank: int = 16
     iters: int = 1
     targets: tuple[str, ...] = ("all-linear",)
     seed: int = 0
 
+    @classmethod
+    def full_precision(cls, source: ModelSource, *, rank: int = 16, targets: tuple[str, ...] = ("all-linear",),
+                       seed: int = 0) -> BuildRequest:
+        """The bf16 base of the full-precision control: plain LoRA trains over it."""
+        return cls(source, None, method=FULL_PRECISION_METHOD, rank=rank, iters=0, targets=targets, seed=seed)
+
+    @property
+    def is_full_precision(self) -> bool:
+        return self.plan is None
+
+    @property
+    def label(self) -> str:
+        """Readable quantization: 'nf2-g64' (QuantPlan.label), or 'bf16' for the full-precision control."""
+        return "bf16" if self.plan is None else self.plan.label
+
     @property
     def effective_iters(self) -> int:
-        """QLoRA is LoftQ with no alternation: its base is plain quantization whatever `iters` says."""
-        return 0 if self.method == "qlora" else self.iters
+        """QLoRA is LoftQ with no alternation: its base is plain quantization whatever `iters` says (and the
+        full-precision control has no quantization to alternate with)."""
+        return 0 if self.method in ("qlora", FULL_PRECISION_METHOD) else self.iters
 
     def key(self) -> BaseCacheKey:
-        return BaseCacheKey(model=self.source.name, fingerprint=self.source.fingerprint, quant=self.plan.to_dict(),
-                            quant_label=self.plan.label, method=self.method, iters=self.effective_iters,
+        quant = FULL_PRECISION_QUANT if self.plan is None else self.plan.to_dict()
+        return BaseCacheKey(model=self.source.name, fingerprint=self.source.fingerprint, quant=quant,
+                            quant_label=self.label, method=self.method, iters=self.effective_iters,
                             rank=self.rank, targets=tuple(sorted(self.targets)))
 
     @property
@@ -91,26 +128,30 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> None:
     if ray.is_initialized():
         return
     if address:
-        ray.init(address=address, log_to_driver=False)
+        ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
     else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
 
 
 def plan_jobs(request: BuildRequest) -> tuple[list[MatrixJob], dict[str, tuple]]:
     """The per-matrix jobs, largest first; every problem with the request raised at once, before any work."""
-    if request.method not in METHODS:
+    if request.method not in (*METHODS, FULL_PRECISION_METHOD):
         raise BuildInputError(f"method: expected one of {list(METHODS)}, got {request.method!r}")
+    if request.is_full_precision != (request.method == FULL_PRECISION_METHOD):
+        raise BuildInputError(f"method: {FULL_PRECISION_METHOD!r} (the full-precision control) goes with no "
+                              f"quantization plan and every other method with one; got {request.method!r} "
+                              f"{'without' if request.is_full_precision else 'with'} a plan")
     modules = request.source.select_targets(request.targets)
     if not modules:
         raise BuildInputError(f"targets: {list(request.targets)} match no linear layer of {request.source.name}")
     shapes = {m: request.source.tensors[m + ".weight"].shape for m in modules}
-    problems = request.plan.problems(shapes)
+    problems = [] if request.plan is None else request.plan.problems(shapes)
     if request.method == "qalora" and request.plan.base.kind != "int":
         problems.append(f"quantization.kind: method 'qalora' needs kind 'int', got {request.plan.base.kind!r}")
     if problems:
         raise BuildInputError("cannot build this base:\n  " + "\n  ".join(problems))
-    jobs = [MatrixJob(m, request.plan.spec_for(m), request.rank, request.effective_iters, request.method,
-                      request.seed) for m in modules]
+    jobs = [MatrixJob(m, None if request.plan is None else request.plan.spec_for(m), request.rank,
+                      request.effective_iters, request.method, request.seed) for m in modules]
     jobs.sort(key=lambda j: (-shapes[j.module][0] * shapes[j.module][1], j.module))
     return jobs, shapes
 
@@ -260,7 +301,8 @@ def _shard_plan(jobs: list[MatrixJob], shapes: dict, shard_bytes: int) -> dict[s
     """Shard index of each module's quantized weight, fixed by the schedule order (not by completion order)."""
     shard, size, out = 0, 0, {}
     for job in jobs:
-        nbytes = packed_nbytes(shapes[job.module][0] * shapes[job.module][1], job.spec.bits)
+        numel = shapes[job.module][0] * shapes[job.module][1]
+        nbytes = numel * FULL_PRECISION_DTYPE.itemsize if job.spec is None else packed_nbytes(numel, job.spec.bits)
         if size and size + nbytes > shard_bytes:
             shard, size = shard + 1, 0
         out[job.module] = shard
@@ -304,8 +346,8 @@ def _build_factors(request, manifest, cache, jobs, pool, bar, on_progress) -> di
 
 
 def _matrix_record(result: MatrixResult, shapes: dict, request: BuildRequest) -> dict:
-    spec = request.plan.spec_for(result.module)
-    return {"shape": list(shapes[result.module]), "quant": spec.name, "quant_error": result.quant_error,
+    quant = request.label if request.plan is None else request.plan.spec_for(result.module).name
+    return {"shape": list(shapes[result.module]), "quant": quant, "quant_error": result.quant_error,
             "errors": result.errors, "seconds": round(result.seconds, 4), "device": result.device,
             "node": result.node}
 
@@ -381,5 +423,6 @@ def error_table(manifest: dict) -> str:
     for layer, recs in sorted(groups.items()):
         q = statistics.fmean(r["quant_error"] for r in recs)
         f = statistics.fmean(min(r["errors"]) if r["errors"] else r["quant_error"] for r in recs)
-        lines.append(f"{layer:<{width}} {len(recs):>3} {recs[0]['quant']:>9} {q:9.5f} {f:9.5f} {f / q:6.3f}")
+        ratio = f"{f / q:6.3f}" if q else f"{'-':>6}"  # the bf16 control has no error to reduce
+        lines.append(f"{layer:<{width}} {len(recs):>3} {recs[0]['quant']:>9} {q:9.5f} {f:9.5f} {ratio}")
     return "\n".join(lines)

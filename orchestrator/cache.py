@@ -60,7 +60,7 @@ if TYPE_CHECKING:
     import torch
 
 FORMAT_VERSION = 1
-METHODS = ("loftq", "qlora", "qalora")
+METHODS = ("loftq", "qlora", "qalora", "lora")  # "lora": the full-precision control (bits 16), no quantization
 DEFAULT_URI = "~/.cache/loftune"
 MANIFEST = "manifest.json"
 GC_GRACE_SECONDS = 3600.0
@@ -153,9 +153,9 @@ class BaseCacheKey:
 
     model: str  # readable model name, sanitized into the entry name
     fingerprint: str  # hex sha256 of the weight files (or of the config for config-built models)
-    quant: dict  # the resolved quantization plan, JSON-able
-    quant_label: str  # readable, e.g. "nf2-g64"
-    method: str  # "loftq" | "qlora" | "qalora"
+    quant: dict  # the resolved quantization plan, JSON-able ({"bits": 16, "dtype": "bfloat16"} for the control)
+    quant_label: str  # readable, e.g. "nf2-g64" (or "bf16")
+    method: str  # "loftq" | "qlora" | "qalora", or "lora" for the full-precision control
     iters: int
     rank: int | None  # normalized to None when iters <= 1: the base does not depend on the rank then
     targets: tuple[str, ...]  # target module patterns, normalized to sorted and unique
@@ -170,6 +170,9 @@ class BaseCacheKey:
             raise ValueError(f"method: expected one of {list(METHODS)}, got {self.method!r}")
         if not _is_int(self.iters) or self.iters < 0:
             raise ValueError(f"iters: expected an int >= 0, got {self.iters!r}")
+        if self.method == "lora" and self.iters:
+            raise ValueError(f"iters: the full-precision control (method 'lora') has no LoftQ iterations, "
+                             f"got {self.iters!r}")
         if not _is_int(self.format_version):
             raise ValueError(f"format_version: expected an int, got {self.format_version!r}")
         if self.iters > 1 and (not _is_int(self.rank) or self.rank < 0):
@@ -196,8 +199,10 @@ class BaseCacheKey:
 
     @property
     def name(self) -> str:
-        """The entry name, e.g. 'minilm-l6__nf2-g64__loftq-t5-r16__3f9c2a1b0c4d'."""
+        """The entry name, e.g. 'minilm-l6__nf2-g64__loftq-t5-r16__3f9c2a1b0c4d' (the full-precision control:
+        'minilm-l6__bf16__lora__<digest>')."""
         run = f"{self.method}-t{self.iters}" + (f"-r{self.rank}" if self.rank is not None else "")
+        run = "lora" if self.method == "lora" else run
         return f"{_readable(self.model, 64)}__{_readable(self.quant_label, 48)}__{run}__{self.digest[:12]}"
 
 

@@ -13,6 +13,7 @@ import sys
 import time
 
 from orchestrator.errors import SpecError
+from orchestrator.quiet import NoiseFilter, quiet_libraries
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -231,6 +232,35 @@ def cmd_results(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from orchestrator.export_model import ExportError, base_source, choose_trials, trial_source, write_export
+
+    if (args.run_dir is None) == (args.base is None):
+        raise InvalidInputError("expected a RUN_DIR or --base KEY (one of them)")
+    if args.base is not None and (args.task or args.trial):
+        raise InvalidInputError("--task / --trial choose a trial of a RUN_DIR; with --base there is none")
+    written = []
+    try:
+        if args.base is not None:
+            written.append(write_export(base_source(_open_cache(args.cache), args.base, args.rank), args.out,
+                                        args.format, gguf_type=args.gguf_type))
+        else:
+            from orchestrator.run import open_cache, read_run_spec
+
+            spec = read_run_spec(args.run_dir)
+            cache = _open_cache(args.cache) if args.cache else open_cache(spec)
+            records = choose_trials(args.run_dir, spec, args.task, args.trial)
+            for record in records:  # several tasks: one folder each
+                out = args.out if len(records) == 1 else os.path.join(args.out, record.trial.task)
+                print(f"exporting {record.trial.id} ({args.format}) to {out}", file=sys.stderr)
+                written.append(write_export(trial_source(spec, record, cache), out, args.format,
+                                            gguf_type=args.gguf_type))
+    except ExportError as exc:
+        raise InvalidInputError(str(exc)) from None
+    _emit(args, {"exported": written}, "\n".join(f"exported: {w}" for w in written))
+    return EXIT_OK
+
+
 # ------------------------------------------------------------------------------ jobs on a Ray cluster
 
 
@@ -364,6 +394,20 @@ def build_parser() -> argparse.ArgumentParser:
         _common(p, cache=False)
         p.set_defaults(func=func)
 
+    e = sub.add_parser("export", help="write a trial's model (or a cached base) for transformers + peft or llama.cpp")
+    e.add_argument("run_dir", metavar="RUN_DIR", nargs="?", default=None, help="a run directory")
+    e.add_argument("--task", default=None, help="the best trial of this task (default: of every task)")
+    e.add_argument("--trial", default=None, help="this trial id instead of the best")
+    e.add_argument("--base", default=None, metavar="KEY", help="a cache entry instead of a run (LoftQ-initialized)")
+    e.add_argument("--rank", type=int, default=None, help="with --base: which LoftQ factors (default: the only)")
+    e.add_argument("--out", required=True, help="the export directory (new, empty, or an earlier export)")
+    e.add_argument("--format", choices=["peft", "hf", "gguf"], default="peft",
+                   help="peft: base/ + adapter/; hf: merged model; gguf: one .gguf for llama.cpp")
+    e.add_argument("--gguf-type", choices=["f16", "q8_0"], default=None,
+                   help="gguf weight type (default f16; a QA-LoRA INT4 g32 trial: Q4_1 from its merged codes)")
+    _common(e)
+    e.set_defaults(func=cmd_export)
+
     res = sub.add_parser("results", help="leaderboard and plots of a run directory (finished or not)")
     res.add_argument("run_dir", metavar="RUN_DIR")
     _common(res, cache=False)
@@ -387,8 +431,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # libraries log to stdout (DeepSpeed, Ray): keep stdout for the result alone, so --json output parses
     args.stdout = sys.stdout
+    quiet_libraries()
     try:
-        with contextlib.redirect_stdout(sys.stderr):
+        with contextlib.redirect_stderr(NoiseFilter(sys.stderr)) as terminal, contextlib.redirect_stdout(terminal):
             return args.func(args)
     except InvalidInputError as exc:
         print(f"loftune {args.command}: {exc}", file=sys.stderr)

@@ -4,7 +4,9 @@
          -> one BuildRequest per trial -> distinct cache entries, and the builds that make them
 
 A base depends on bits and group size, and on the rank only when LoftQ alternates (iters > 1): with
-iters <= 1 all ranks share one entry, and each rank adds only its LoftQ factors. Checks that need the
+iters <= 1 all ranks share one entry, and each rank adds only its LoftQ factors. Bits 16 is the full-precision
+control (plain LoRA over the bf16 base): one entry for every rank, and one trial per (task, rank, lr, ...) point
+however many group sizes the sweep has (its trial id says `bf16`, its group size is None). Checks that need the
 model (a group size that does not divide a target layer, a rank larger than a layer allows) or the cluster
 (more workers than it has) are made here, before any work, and name the spec field that caused them.
 """
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import json
 import math
 import os
 import random
@@ -21,6 +24,7 @@ from dataclasses import asdict, dataclass, field, replace
 
 from orchestrator.build import BuildRequest
 from orchestrator.spec import JobSpec, Quantization, SpecError
+from workers.matrix_worker import FULL_PRECISION_BITS
 from workers.model_source import ModelSource, open_model
 from workers.quant import QuantSpec
 from workers.quant_plan import Override, QuantPlan
@@ -36,10 +40,10 @@ TRIAL_DRIVER_CPUS = 0.01
 class Trial:
     """One fine-tuning run of the sweep: a point of the search space on one task, and the base it trains on."""
 
-    id: str  # readable and unique, e.g. "sentiment-nf2-g64-r8-lr0.001"; names its Tune and Train folders
+    id: str  # readable and unique, e.g. "sentiment-nf2-g64-r8-lr0.001" (or "sentiment-bf16-r8-lr0.001" at bits 16)
     task: str
-    bits: int
-    group_size: int
+    bits: int  # 16: the full-precision control, plain LoRA over the bf16 base
+    group_size: int | None  # None at bits 16: no quantization groups
     rank: int
     lr: float
     seed: int  # training seed (grid repeats and random draws get their own)
@@ -54,7 +58,10 @@ class Trial:
         return replace(base, lr=self.lr, seed=self.seed, **self.training)
 
     def adapter_settings(self, base: AdapterSettings) -> AdapterSettings:
-        return replace(base, rank=self.rank)
+        """The spec's adapter settings at this trial's rank; the full-precision control starts as plain LoRA (A
+        random, B = 0: init 'qlora'), since its base stores no LoftQ factors."""
+        init = "qlora" if self.bits == FULL_PRECISION_BITS else base.init
+        return replace(base, rank=self.rank, init=init)
 
     @classmethod
     def from_dict(cls, data: dict) -> Trial:
@@ -113,7 +120,23 @@ def sweep_points(spec: JobSpec) -> list[dict]:
                 values["lr"] = float(f"{math.exp(rng.uniform(low, high)):.3g}")
                 where["lr"] = "sweep.lr_range"
             points.append(_point(base, values, where, training.seed + k))
-    return points
+    return _full_precision_once(points)
+
+
+def _full_precision_once(points: list[dict]) -> list[dict]:
+    """Bits-16 points lose their group size, and each is kept once: the control has no quantization groups, so
+    a grid over group sizes would otherwise repeat it."""
+    out, seen = [], set()
+    for point in points:
+        if point["bits"] == FULL_PRECISION_BITS:
+            where = {k: v for k, v in point["where"].items() if k != "group_size"}
+            point = {**point, "group_size": None, "where": where}
+            same = json.dumps({k: v for k, v in point.items() if k != "where"}, sort_keys=True, default=str)
+            if same in seen:
+                continue
+            seen.add(same)
+        out.append(point)
+    return out
 
 
 def _point(base: dict, values: dict, where: dict, seed: int) -> dict:
@@ -156,6 +179,14 @@ def quant_plan(q: Quantization, bits: int, group_size: int) -> QuantPlan:
                      overrides=overrides)
 
 
+def build_request(q: Quantization, source: ModelSource, point: dict) -> BuildRequest:
+    """The base one sweep point trains on: a quantized one, or the bf16 base of the full-precision control."""
+    if point["bits"] == FULL_PRECISION_BITS:
+        return BuildRequest.full_precision(source, rank=point["rank"], targets=tuple(q.targets))
+    return BuildRequest(source, quant_plan(q, point["bits"], point["group_size"]), method=q.method, rank=point["rank"],
+                        iters=q.iters, targets=tuple(q.targets))
+
+
 def make_plan(spec: JobSpec, work_dir: str) -> Plan:
     """Expand the sweep into trials and their bases; raises SpecError listing every problem at once."""
     try:
@@ -177,12 +208,10 @@ def make_plan(spec: JobSpec, work_dir: str) -> Plan:
     trials, builds = [], {}
     for task in spec.tasks:
         for point in points:
-            qp = quant_plan(q, point["bits"], point["group_size"])
-            request = BuildRequest(source, qp, method=q.method, rank=point["rank"], iters=q.iters,
-                                   targets=tuple(q.targets))
+            request = build_request(q, source, point)
             name = request.key().name
             builds.setdefault((name, point["rank"] if request.stores_factors else None), request)
-            trials.append(Trial(id=trial_id(task.name, point, qp.label, repeated), task=task.name,
+            trials.append(Trial(id=trial_id(task.name, point, request.label, repeated), task=task.name,
                                 bits=point["bits"], group_size=point["group_size"], rank=point["rank"],
                                 lr=point["lr"], seed=point["seed"], training=point["training"], base=name))
     _check_unique([t.id for t in trials])
@@ -193,17 +222,18 @@ def _point_problems(q: Quantization, point: dict, shapes: dict[str, tuple]) -> l
     """Group sizes that do not divide a layer, ranks a layer cannot hold: each named by the field it came from."""
     where = point["where"]
     out = []
-    qp = quant_plan(q, point["bits"], point["group_size"])
-    for problem in qp.problems(shapes):
+    qp = None if point["bits"] == FULL_PRECISION_BITS else quant_plan(q, point["bits"], point["group_size"])
+    for problem in qp.problems(shapes) if qp else []:
         field = where.get("group_size", "quantization.group_size")
         out.append(f"{field}: {problem}")
     if out:
         return out[:3]  # the first few layers say it; every other layer of the model would repeat it
     rank_field = where.get("rank", "quantization.rank")
+    pooled = q.method == "qalora" and qp is not None  # QA-LoRA's A has in / group_size columns
     for module, (rows, cols) in shapes.items():
-        columns = cols // qp.spec_for(module).group_size if q.method == "qalora" else cols
+        columns = cols // qp.spec_for(module).group_size if pooled else cols
         if point["rank"] > min(rows, columns):
-            what = f"in_features / group_size = {columns}" if q.method == "qalora" else f"shape {(rows, cols)}"
+            what = f"in_features / group_size = {columns}" if pooled else f"shape {(rows, cols)}"
             out.append(f"{rank_field}: rank {point['rank']} exceeds what {module} can hold ({what})")
             break
     return out

@@ -19,6 +19,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from orchestrator.results import TrialRecord  # noqa: E402
 from orchestrator.spec import JobSpec, metric_for  # noqa: E402
+from workers.matrix_worker import FULL_PRECISION_BITS  # noqa: E402
 
 PLOTS_DIR = "plots"
 
@@ -62,7 +63,8 @@ def _metric_vs_bits(spec: JobSpec, records: list[TrialRecord]):
             points = sorted((bits, v) for (r, bits), v in best.items() if r == rank)
             ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=f"rank {rank}")
         ax.set(title=f"{task.name}: {metric} ({mode})", xlabel="bits", ylabel=metric)
-        ax.set_xticks(sorted({k[1] for k in best}))
+        ticks = sorted({k[1] for k in best})
+        ax.set_xticks(ticks, [f"{b} (bf16)" if b == FULL_PRECISION_BITS else str(b) for b in ticks])  # the control
         ax.grid(alpha=0.3)
         _legend(ax)
     return figure

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from orchestrator.plan import Trial
 from orchestrator.spec import JobSpec, metric_for
 from orchestrator.trial_records import read_states
+from workers.matrix_worker import FULL_PRECISION_BITS, FULL_PRECISION_METHOD
 
 LEADERBOARD = "leaderboard.csv"
 RESULTS_JSON = "results.json"
@@ -94,7 +95,8 @@ def leaderboard(records: list[TrialRecord], spec: JobSpec) -> list[dict]:
         for place, r in enumerate(ranked, 1):
             final = r.final
             row = {"task": r.trial.task, "place": place, "trial": r.trial.id, "status": r.status,
-                   "bits": r.trial.bits, "group_size": r.trial.group_size, "rank": r.trial.rank, "lr": r.trial.lr,
+                   "bits": r.trial.bits, "group_size": r.trial.group_size, "method": method_of(r.trial, spec),
+                   "rank": r.trial.rank, "lr": r.trial.lr,
                    "metric": metric, "value": final.get(metric), "step": r.step, "max_steps": r.max_steps,
                    "loss": final.get("loss"), "seconds": round(r.seconds, 1), "base": r.trial.base}
             row.update({k: v for k, v in sorted(final.items()) if k.startswith("eval_") and k != metric})
@@ -102,6 +104,11 @@ def leaderboard(records: list[TrialRecord], spec: JobSpec) -> list[dict]:
             row["type"] = types[r.trial.task]
             rows.append(row)
     return rows
+
+
+def method_of(trial: Trial, spec: JobSpec) -> str:
+    """How the trial's base was made: the spec's method, or 'lora' for the full-precision control (bits 16)."""
+    return FULL_PRECISION_METHOD if trial.bits == FULL_PRECISION_BITS else spec.quantization.method
 
 
 def _sort_key(record: TrialRecord, metric: str, mode: str) -> tuple:
@@ -143,8 +150,8 @@ def format_table(rows: list[dict]) -> str:
     """The leaderboard as an aligned text table."""
     if not rows:
         return "(no trials yet)"
-    columns = ["task", "place", "trial", "status", "bits", "group_size", "rank", "lr", "metric", "value", "step",
-               "loss", "seconds", "base"]
+    columns = ["task", "place", "trial", "status", "bits", "group_size", "method", "rank", "lr", "metric", "value",
+               "step", "loss", "seconds", "base"]
     cells = [[_cell(row.get(c)) for c in columns] for row in rows]
     widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True))]

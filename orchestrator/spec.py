@@ -26,7 +26,7 @@ from typing import Any
 import yaml
 
 from orchestrator.errors import SpecError
-from workers.matrix_worker import METHODS
+from workers.matrix_worker import FULL_PRECISION_BITS, METHODS
 from workers.messages import SAFE_NAME, brief, clip, name_problem
 from workers.quant import ALLOWED_BITS, SCALE_DTYPES
 from workers.train_settings import AdapterSettings, TrainSettings
@@ -49,8 +49,20 @@ class OverrideSpec:
     group_size: int | None = None
 
 
+def bits_problems(where: str, kind: str, bits: Any) -> list[str]:
+    """The problem with a trial's `bits` (quantization.bits, sweep.bits[i]), if any: it must be one of the kind's
+    bits, or 16 (the full-precision control: LoRA over the bf16 base)."""
+    if bits == FULL_PRECISION_BITS or bits in ALLOWED_BITS[kind]:
+        return []
+    return [f"{where}: {kind} supports {list(ALLOWED_BITS[kind])}, or {FULL_PRECISION_BITS} (LoRA over the bf16 "
+            f"base), got {brief(bits)}"]
+
+
 @dataclass(frozen=True)
 class Quantization:
+    """The `quantization:` block. `bits: 16` is the full-precision control: plain LoRA over the bf16 base, to which
+    kind, group_size, scale_dtype, method, iters, mixed and overrides do not apply."""
+
     kind: str = "nf"
     bits: int = 4
     group_size: int = 64
@@ -67,8 +79,7 @@ class Quantization:
         if self.kind not in ALLOWED_BITS:
             return [f"{path}.kind: expected one of {sorted(ALLOWED_BITS)}, got {brief(self.kind)}"]
         allowed = list(ALLOWED_BITS[self.kind])
-        if self.bits not in allowed:
-            out.append(f"{path}.bits: {self.kind} supports {allowed}, got {brief(self.bits)}")
+        out += bits_problems(f"{path}.bits", self.kind, self.bits)
         if self.group_size < 1:
             out.append(f"{path}.group_size: expected an integer >= 1, got {brief(self.group_size)}")
         if self.scale_dtype not in SCALE_DTYPES:
@@ -107,6 +118,9 @@ class Sweep:
     Grid mode runs the full product of the axes `num_samples` times (new training seeds); random mode draws
     `num_samples` points, one value per axis, and `lr_range: [low, high]` draws the learning rate log-uniformly.
     `max_trials` caps the trials (points x tasks), checked by counting before anything expands the sweep.
+    `bits` may hold 16, the full-precision control: the planner gives it one trial per point of the other axes
+    (group sizes do not apply to it), so a grid over bits [2, 4, 16] x group_size [32, 64] has one bits-16 row
+    per rank and lr beside the four quantized ones.
     """
 
     mode: str = "grid"
@@ -144,8 +158,7 @@ class Sweep:
             if getattr(self, name) == []:
                 out.append(f"{path}.{name}: an empty list sweeps nothing; give at least one value or leave it out")
         for i, bits in enumerate(self.bits or []):
-            if kind in ALLOWED_BITS and bits not in ALLOWED_BITS[kind]:
-                out.append(f"{path}.bits[{i}]: {kind} supports {list(ALLOWED_BITS[kind])}, got {brief(bits)}")
+            out += bits_problems(f"{path}.bits[{i}]", kind, bits) if kind in ALLOWED_BITS else []
         for name in ("rank", "group_size"):
             for i, value in enumerate(getattr(self, name) or []):
                 if value < 1:
@@ -555,7 +568,7 @@ def build_spec(data: dict, problems: list[str]) -> JobSpec | None:
     if problems:
         return None
     if "init" not in (data.get("adapter") or {}):  # start from LoftQ factors exactly when the base stores them
-        init = "qlora" if q.method == "qlora" or q.iters == 0 else "loftq"
+        init = "qlora" if q.method == "qlora" or q.iters == 0 or only_full_precision(q, sweep) else "loftq"
         sections["adapter"] = dataclasses.replace(sections["adapter"], init=init)
     return JobSpec(name=data["name"], model=data["model"], tasks=tasks, **sections)
 
@@ -576,6 +589,35 @@ def _cross_field_problems(data: dict, q: Quantization, sweep: Sweep, tasks: list
     if init == "loftq" and (q.method == "qlora" or q.iters == 0):
         out.append(f"adapter.init: 'loftq' starts from LoftQ factors, but quantization.method {q.method!r} with "
                    f"iters {q.iters} stores none; use init 'qlora' or method 'loftq' with iters >= 1")
+    if only_full_precision(q, sweep):
+        out += _full_precision_problems(data, q, sweep, init)
+    return out
+
+
+def only_full_precision(q: Quantization, sweep: Sweep) -> bool:
+    """Whether every trial is the full-precision control (bits 16): then nothing of quantization applies."""
+    return all(bits == FULL_PRECISION_BITS for bits in sweep.bits or [q.bits])
+
+
+def _full_precision_problems(data: dict, q: Quantization, sweep: Sweep, init: Any) -> list[str]:
+    """Fields that only mean something for a quantized base, given to a spec whose every trial is bits 16 (plain
+    LoRA over the bf16 base). In a sweep that also has quantized bits they apply to those trials only."""
+    where = "sweep.bits" if sweep.bits else "quantization.bits"
+    why = f"every trial is bits 16 ({where}: LoRA over the bf16 base)"
+    fix = "or sweep quantized bits beside 16 in sweep.bits"
+    out = []
+    if q.method == "qalora":
+        out.append(f"quantization.method: 'qalora' pools its adapter over INT quantization groups, but {why}, which "
+                   f"has none; use method 'loftq' or 'qlora' (plain LoRA at bits 16), {fix}")
+    if sweep.group_size:
+        out.append(f"sweep.group_size: {why}, which has no quantization groups; remove sweep.group_size, {fix}")
+    quantization = data.get("quantization") if isinstance(data.get("quantization"), dict) else {}
+    for name in ("mixed", "overrides"):
+        if quantization.get(name):
+            out.append(f"quantization.{name}: {why}, which quantizes no layer; remove quantization.{name}, {fix}")
+    if init == "loftq":
+        out.append(f"adapter.init: 'loftq' starts from LoftQ factors, but {why}, which stores none; use init 'qlora' "
+                   f"(A random, B = 0: plain LoRA)")
     return out
 
 

@@ -148,4 +148,5 @@ def sweep(tmp_path_factory):
     run_dir = str(root / "run")
     proc = loftune("run", spec, "--out", run_dir, "--json")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return {"spec": spec, "run_dir": run_dir, "cache": cache, "summary": json.loads(proc.stdout)}
+    return {"spec": spec, "run_dir": run_dir, "cache": cache, "summary": json.loads(proc.stdout),
+            "stderr": proc.stderr}

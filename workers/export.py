@@ -45,7 +45,8 @@ def merged_fp_model(model: nn.Module, with_adapter: bool = True) -> nn.Module:
     return merged
 
 
-def _write_provenance(out_dir: str, provenance: dict) -> None:
+def write_provenance(out_dir: str, provenance: dict) -> None:
+    """loftune.json in `out_dir`: where an export came from (base key, trial, metric)."""
     with open(os.path.join(out_dir, PROVENANCE_FILE), "w") as f:
         json.dump(provenance, f, indent=1)
 
@@ -83,7 +84,7 @@ def export_peft_adapter(model: nn.Module, out_dir: str, *, task_type: str, prove
     os.makedirs(out_dir, exist_ok=True)
     # the adapters never touch the embeddings: no need for peft to look the base up (on the hub) to decide
     peft_model.save_pretrained(out_dir, safe_serialization=True, save_embedding_layers=False)
-    _write_provenance(out_dir, provenance)
+    write_provenance(out_dir, provenance)
     return out_dir
 
 
@@ -102,5 +103,5 @@ def export_qalora_merged(model: nn.Module, out_dir: str, *, model_config: dict, 
     save_file(tensors, os.path.join(out_dir, "model.safetensors"))
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(model_config, f, indent=1)
-    _write_provenance(out_dir, {**provenance, "format": "loftune-quantized", "merged": "qalora"})
+    write_provenance(out_dir, {**provenance, "format": "loftune-quantized", "merged": "qalora"})
     return out_dir

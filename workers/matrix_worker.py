@@ -5,6 +5,8 @@ is empty). Results are plain tensors named as they are stored in a cache entry:
 
     <module>.qweight.codes / .scales / .zeros / .qmeta     the quantized base (QuantizedTensor.state_dict)
     <module>.lora_A, <module>.lora_B                       LoftQ factors at LoRA scale 1
+    <module>.fpweight                                      the full-precision control's (bits 16) frozen weight,
+                                                           in bf16: no quantization, no factors
 """
 
 from __future__ import annotations
@@ -20,8 +22,15 @@ from workers.loftq import loftq_init
 from workers.quant import QuantSpec
 
 METHOD_ADAPTER = {"loftq": "lora", "qlora": "lora", "qalora": "qalora"}
-METHODS = tuple(METHOD_ADAPTER)
+METHODS = tuple(METHOD_ADAPTER)  # the methods of a quantized base
 FACTOR_SUFFIXES = (".lora_A", ".lora_B")
+
+# The full-precision control (DESIGN.md): `bits: 16` is plain LoRA over the bf16 base. Its entry keeps each target's
+# weight in bf16 under `<module>.fpweight`; quantizer kind, group size and method do not apply to it.
+FULL_PRECISION_BITS = 16
+FULL_PRECISION_METHOD = "lora"
+FULL_PRECISION_DTYPE = torch.bfloat16
+FP_WEIGHT = ".fpweight"
 
 
 def is_factor(name: str) -> bool:
@@ -32,7 +41,7 @@ def is_factor(name: str) -> bool:
 @dataclass(frozen=True)
 class MatrixJob:
     module: str
-    spec: QuantSpec
+    spec: QuantSpec | None  # None: the full-precision control (the weight is kept in bf16)
     rank: int
     iters: int
     method: str = "loftq"
@@ -74,6 +83,9 @@ class MatrixWorker:
 
     def quantize(self, job: MatrixJob, weight: torch.Tensor) -> MatrixResult:
         start = time.perf_counter()
+        if job.spec is None:  # the bf16 control: the weight as it is trained on, exactly (error 0)
+            tensors = {job.module + FP_WEIGHT: weight.to(FULL_PRECISION_DTYPE).contiguous()} if job.want_base else {}
+            return MatrixResult(job.module, tensors, 0.0, [], time.perf_counter() - start, "cpu", self.node)
         res = loftq_init(weight.to(self.device), job.spec, job.rank, job.iters, scale=1.0,
                          adapter=METHOD_ADAPTER[job.method], seed=job.matrix_seed)
         tensors: dict[str, torch.Tensor] = {}

@@ -9,7 +9,8 @@ CPU that transient lives in one per-thread buffer that every layer reuses. The a
     lora:    y = W~ x + b + s * B @ A @ dropout(x)                 A: [r, in]
     qalora:  y = W~ x + b + s * B @ A @ pool_L(dropout(x))          A: [r, in / L]
 
-where pool_L averages x over the quantization groups of L inputs, s = alpha / r.
+where pool_L averages x over the quantization groups of L inputs, s = alpha / r. `FullPrecisionLoraLinear` is the
+full-precision control (`bits: 16`): the same LoRA over a frozen bf16 weight instead of packed codes.
 
 Mixed precision: the base is dequantized straight into the input's dtype (one rounding of the exact fp32
 values, e.g. to bf16), and the packed buffers keep their stored dtype whatever the module is cast to
@@ -110,9 +111,14 @@ class QuantLoraLinear(nn.Module):
         self.register_buffer("qcodes", quantized.packed)
         self.register_buffer("qscales", quantized.scales)
         self.register_buffer("qzeros", quantized.zeros)
+        a_in = self.in_features // self.spec.group_size if adapter == "qalora" else self.in_features
+        self._init_adapter(bias, rank, scale, adapter, dropout, a_in)
+
+    def _init_adapter(self, bias: torch.Tensor | None, rank: int, scale: float, adapter: str, dropout: float,
+                      a_in: int) -> None:
+        """The frozen bias and the adapter: A [rank, a_in] Kaiming-uniform, B zero (so it starts as the base)."""
         self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False) if bias is not None else None
         self.adapter, self.rank, self.scale = adapter, rank, scale
-        a_in = self.in_features // self.spec.group_size if adapter == "qalora" else self.in_features
         self.lora_A = nn.Parameter(torch.zeros(rank, a_in))
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
@@ -211,6 +217,98 @@ class QuantLoraLinear(nn.Module):
                 f"adapter={self.adapter}, rank={self.rank}, scale={self.scale}")
 
 
+class FrozenMatmul(torch.autograd.Function):
+    """y = x @ W^T + b for a frozen W stored in another dtype than x (bf16 under fp32 training): cast into a
+    transient in forward and again in backward, so that autograd keeps W itself, never a cast copy of it."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.has_bias = bias is not None
+        ctx.save_for_backward(weight)  # the module's buffer itself
+        return F.linear(x, weight.to(x.dtype), bias)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        (weight,) = ctx.saved_tensors
+        grad_x = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad_y @ weight.to(grad_y.dtype)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_bias = grad_y.reshape(-1, grad_y.shape[-1]).sum(0)
+        return grad_x, None, grad_bias
+
+
+def frozen_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear(x, weight.to(x.dtype), bias) with no gradient for `weight` and no cast copy kept for backward."""
+    if weight.dtype == x.dtype:
+        return F.linear(x, weight, bias)  # autograd keeps `weight` itself: nothing to save
+    return FrozenMatmul.apply(x, weight, bias)
+
+
+class FullPrecisionLoraLinear(QuantLoraLinear):
+    """The full-precision control (`bits: 16`): plain LoRA over a frozen, unquantized (bf16) [out, in] weight.
+
+        y = W x + b + s * B @ A @ dropout(x)          A: [r, in] Kaiming-uniform, B = 0 (QLoRA's init)
+
+    A QuantLoraLinear in every way the rest of loftune relies on (lora_A / lora_B, r, alpha, adapter_params,
+    set_adapter, delta_weight, dequantized_weight), so build_model's trainable set and the exports find it like the
+    others. Its base is the `weight` buffer, in the dtype it was given: like packed buffers it follows device moves,
+    not dtype casts, so fp32 training keeps the bf16 weight and casts it per matmul (`frozen_linear`). It has no
+    QuantSpec (`spec` is None), no quantized base, nothing to merge into (export a merged full-precision model
+    instead) and nothing for `weights_held` to hold.
+    """
+
+    spec = None
+
+    def __init__(
+        self,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        *,
+        rank: int = 0,
+        scale: float = 1.0,
+        adapter: str = "lora",
+        dropout: float = 0.0,
+    ):
+        nn.Module.__init__(self)
+        if adapter != "lora":
+            raise ValueError(f"adapter: a full-precision (bits 16) layer takes plain 'lora' (QA-LoRA pools over "
+                             f"quantization groups, which it has none of), got {adapter!r}")
+        if weight.ndim != 2:
+            raise ValueError(f"weight: expected an [out, in] matrix, got shape {tuple(weight.shape)}")
+        self.out_features, self.in_features = weight.shape
+        self.register_buffer("weight", weight.detach())  # frozen, and never copied (e.g. an object-store view)
+        self._init_adapter(bias, rank, scale, adapter, dropout, self.in_features)
+
+    @property
+    def quantized(self) -> QuantizedTensor:
+        raise ValueError("a full-precision (bits 16) layer has no quantized base")
+
+    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The base weight as `dtype` (a fresh tensor), by the name every LoRA layer of loftune answers to."""
+        return self.weight.to(dtype, copy=True)
+
+    def delta_weight(self) -> torch.Tensor:
+        return adapter_delta(self.lora_A.detach(), self.lora_B.detach(), self.scale)
+
+    def merge(self) -> None:
+        raise ValueError("merge: a full-precision LoRA adapter does not fold into a quantized weight; "
+                         "export a merged full-precision model instead")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        y = frozen_linear(x, self.weight, bias)
+        if self.rank == 0:
+            return y
+        h = self.dropout(x)
+        return y + self.scale * F.linear(F.linear(h, self.lora_A.to(x.dtype)), self.lora_B.to(x.dtype))
+
+    def extra_repr(self) -> str:
+        dtype = str(self.weight.dtype).removeprefix("torch.")
+        return (f"in={self.in_features}, out={self.out_features}, weight={dtype}, adapter={self.adapter}, "
+                f"rank={self.rank}, scale={self.scale}")
+
+
 HOLD_BUDGET_BYTES = 2 << 30  # dequantized weights `weights_held` may keep at once (the rest dequantize per call)
 
 
@@ -227,8 +325,8 @@ def weights_held(model: nn.Module, dtype: torch.dtype, budget_bytes: int = HOLD_
     try:
         with torch.no_grad():
             for module in model.modules():
-                if not isinstance(module, QuantLoraLinear):
-                    continue
+                if not isinstance(module, QuantLoraLinear) or isinstance(module, FullPrecisionLoraLinear):
+                    continue  # a full-precision layer holds its weight already
                 nbytes = module.out_features * module.in_features * dtype.itemsize
                 if used + nbytes <= budget_bytes:
                     module._held = module.dequantized_weight(dtype)

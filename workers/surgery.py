@@ -2,7 +2,8 @@
 
 `tensors` is what a cache entry holds (see workers.matrix_worker): quantized matrices under
 `<module>.qweight.*`, LoftQ factors under `<module>.lora_A/B` (at LoRA scale 1), and every other tensor
-of the model under its own name.
+of the model under its own name. The full-precision control's entry (bits 16) holds each target's bf16 weight
+under `<module>.fpweight` instead: those targets become FullPrecisionLoraLinear layers (plain LoRA).
 
 A worker's model never exists in full precision: `empty_parameters` builds the architecture with its
 parameters on the meta device, `apply_quantized_base` puts the entry in place, and `init_missing` allocates
@@ -17,8 +18,8 @@ import math
 import torch
 from torch import nn
 
-from workers.matrix_worker import is_factor
-from workers.qlayers import QuantLoraLinear
+from workers.matrix_worker import FP_WEIGHT, is_factor
+from workers.qlayers import FullPrecisionLoraLinear, QuantLoraLinear
 from workers.quant import QuantizedTensor
 
 QWEIGHT = ".qweight."
@@ -29,9 +30,14 @@ def quantized_modules(tensors: dict[str, torch.Tensor]) -> list[str]:
     return sorted(k[: -len(QWEIGHT + "qmeta")] for k in tensors if k.endswith(QWEIGHT + "qmeta"))
 
 
+def full_precision_modules(tensors: dict[str, torch.Tensor]) -> list[str]:
+    """Modules that have a full-precision control weight (`<module>.fpweight`) in `tensors`."""
+    return sorted(k.removesuffix(FP_WEIGHT) for k in tensors if k.endswith(FP_WEIGHT))
+
+
 def is_plain(name: str) -> bool:
-    """Whether an entry tensor is an ordinary model tensor (neither a quantized part nor a LoftQ factor)."""
-    return QWEIGHT not in name and not is_factor(name)
+    """Whether an entry tensor is an ordinary model tensor (not a quantized part, a control's weight or a factor)."""
+    return QWEIGHT not in name and not name.endswith(FP_WEIGHT) and not is_factor(name)
 
 
 def quantized_tensor(tensors: dict[str, torch.Tensor], module: str) -> QuantizedTensor:
@@ -56,16 +62,25 @@ def apply_quantized_base(
     `init="loftq"` loads the entry's factors (rescaled from scale 1 to alpha / rank: each factor is
     divided by sqrt(scale), which keeps scale * B @ A unchanged); `init="qlora"` keeps a random A and B = 0.
     `prefix` maps entry names onto the model's (e.g. "bert." for a task model wrapping BertModel).
+    Targets of the full-precision control (`<module>.fpweight`) become FullPrecisionLoraLinear layers over that
+    weight, as it is (no copy); they have no factors, so they take `init="qlora"` and adapter "lora".
     """
     scale = (alpha if alpha is not None else rank) / rank if rank else 1.0
-    targets = quantized_modules(tensors)
+    quantized, full_precision = quantized_modules(tensors), full_precision_modules(tensors)
+    targets = sorted([*quantized, *full_precision])
     for module in targets:
-        layer = QuantLoraLinear(quantized_tensor(tensors, module), tensors.get(f"{module}.bias"),
-                                rank=rank, scale=scale, adapter=adapter, dropout=dropout)
+        bias = tensors.get(f"{module}.bias")
+        if module in quantized:
+            layer = QuantLoraLinear(quantized_tensor(tensors, module), bias, rank=rank, scale=scale, adapter=adapter,
+                                    dropout=dropout)
+        else:
+            layer = FullPrecisionLoraLinear(tensors[module + FP_WEIGHT], bias, rank=rank, scale=scale,
+                                            adapter=adapter, dropout=dropout)
         if init == "loftq" and rank:
             A, B = tensors.get(f"{module}.lora_A"), tensors.get(f"{module}.lora_B")
             if A is None or B is None:
-                raise ValueError(f"{module}: the cache entry has no LoftQ factors for rank {rank}")
+                control = " (a bits-16 control entry: plain LoRA starts from init 'qlora')" * (module not in quantized)
+                raise ValueError(f"{module}: the cache entry has no LoftQ factors for rank {rank}{control}")
             layer.set_adapter(A / math.sqrt(scale), B / math.sqrt(scale))
         elif init != "qlora" and rank:
             raise ValueError(f"init: expected 'loftq' or 'qlora', got {init!r}")
@@ -217,10 +232,13 @@ def _nan_like(t: torch.Tensor) -> torch.Tensor:
 
 
 def dequantized_state_dict(tensors: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32) -> dict:
-    """A plain full-precision state dict: every quantized matrix dequantized back to `<module>.weight`."""
+    """A plain full-precision state dict: every quantized matrix dequantized back to `<module>.weight` (and every
+    full-precision control weight cast to `dtype`)."""
     from workers.quant import dequantize
 
     out = {k: v for k, v in tensors.items() if is_plain(k)}
     for module in quantized_modules(tensors):
         out[f"{module}.weight"] = dequantize(quantized_tensor(tensors, module), dtype)
+    for module in full_precision_modules(tensors):
+        out[f"{module}.weight"] = tensors[module + FP_WEIGHT].to(dtype)
     return out

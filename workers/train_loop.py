@@ -20,6 +20,8 @@ import torch
 
 from workers.checkpoint import load_checkpoint, save_checkpoint
 from workers.evaluate import evaluate, quiet_generator
+from workers.lm_loss import use_chunked_loss
+from workers.malloc_tuning import pin_malloc_thresholds
 from workers.qlayers import QuantLoraLinear
 from workers.shared_tensors import from_shared
 from workers.surgery import apply_quantized_base, empty_parameters, init_missing, is_plain
@@ -57,7 +59,8 @@ def build_model(model_config: dict, tensors: dict[str, torch.Tensor], adapter: A
     are loaded, and only what the entry lacks (a fresh task head) is allocated and initialized, as transformers
     initializes it. `num_labels` None builds a causal LM, else a sequence classifier with that many outputs;
     `adapter_kind` is "lora" or "qalora"; `activation_checkpointing` turns on transformers' (non-reentrant)
-    checkpointing.
+    checkpointing. The full-precision control's entry (bits 16: targets stored as `<module>.fpweight`, in bf16)
+    gives FullPrecisionLoraLinear targets over those frozen weights instead: plain LoRA, the same everything else.
     """
     import transformers
 
@@ -106,6 +109,7 @@ def train_func(config: dict) -> None:
     from workers.tasks import load_task
 
     job: JobConfig = config["job"]
+    pin_malloc_thresholds()  # before the model: a fragmented heap kept hundreds of MB at the step's peak
     torch.set_num_threads(job.threads_per_worker)
     torch.manual_seed(job.training.seed)
     ctx = ray.train.get_context()
@@ -117,6 +121,8 @@ def train_func(config: dict) -> None:
     num_labels = {"classification": data.num_labels, "regression": 1}.get(job.task.type)
     model = build_model(job.model_config, from_shared(ray.get(job.base_ref)), job.adapter, job.adapter_kind,
                         num_labels, activation_checkpointing=settings.activation_checkpointing)  # object-store views
+    if num_labels is None:
+        use_chunked_loss(model)  # the loss without the [tokens, vocab] logits at the step's peak
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=settings.lr, weight_decay=settings.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_multiplier(settings, step))
