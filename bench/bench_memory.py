@@ -9,7 +9,8 @@ Rows, each in a fresh process (so one row's allocations never lower the next one
 - `loftune-nf4`, `loftune-nf2`: loftune's packed NF4 / NF2 base (group 64) with r16 adapters, built the way a
   training worker builds it (`workers.train_loop.build_model` from the entry's tensors) and with the loss a
   worker uses for causal LMs (`workers.lm_loss`: head and cross-entropy over token chunks, no full logits);
-- `-ckpt` variants: the same with activation checkpointing (transformers', non-reentrant).
+- `-ckpt` variants: the same with activation checkpointing (transformers', non-reentrant); loftune's then also
+  recomputes the loss chunks and pins glibc's malloc thresholds (`workers/malloc_tuning.py`), as its workers do.
 
 Shapes: LLaMA-2-7B-shaped blocks (hidden 4096, MLP 11008, 32 heads, vocab 32000; 4 blocks) at micro-batch 1 x 256
 and 4 x 256 tokens, and the LLaMA-shaped model of BENCHMARKS.md section 2 (8 blocks of hidden 2048, MLP 5504) at
@@ -142,12 +143,12 @@ def build(config: str, shape: str):
         model = transformers.AutoModelForCausalLM.from_pretrained(path, quantization_config=quant, device_map="cpu",
                                                                   dtype=torch.bfloat16)
     else:
-        return _loftune_model(path, shape, int(config.split("nf")[1][0]))
+        return _loftune_model(path, shape, int(config.split("nf")[1][0]), checkpointing=config.endswith("-ckpt"))
     lora = peft.LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=TARGETS, lora_dropout=0.0)
     return peft.get_peft_model(model, lora)
 
 
-def _loftune_model(path: str, shape: str, bits: int):
+def _loftune_model(path: str, shape: str, bits: int, checkpointing: bool):
     import torch
     from safetensors.torch import load_file
 
@@ -159,7 +160,7 @@ def _loftune_model(path: str, shape: str, bits: int):
         config = json.load(f)
     model = build_model(config, load_file(entry_tensors(shape, bits)),
                         AdapterSettings(rank=RANK, alpha=ALPHA, init="qlora"), "lora", None)
-    use_chunked_loss(model)  # as a training worker does for causal LMs (workers/lm_loss.py)
+    use_chunked_loss(model, recompute=checkpointing)  # as a training worker does for causal LMs (workers/lm_loss.py)
     return model.to(torch.bfloat16)  # the non-quantized tensors and adapters in bf16, as DeepSpeed's bf16 mode
 
 
@@ -172,10 +173,12 @@ def measure(config: str, shape: str) -> dict:
 
     torch.set_num_threads(2)
     torch.manual_seed(0)
-    if config.startswith("loftune"):
-        from workers.malloc_tuning import pin_malloc_thresholds
+    threshold_mib = float(os.environ.get("BENCH_MALLOC_THRESHOLD_MIB", "-1"))  # -1: what a worker does; 0: off
+    if config.startswith("loftune") and config.endswith("-ckpt") and threshold_mib != 0:
+        from workers.malloc_tuning import THRESHOLD_BYTES, pin_malloc_thresholds
 
-        pin_malloc_thresholds()  # as a training worker does (workers/train_loop.py)
+        # as a training worker does (workers/train_loop.py)
+        pin_malloc_thresholds(THRESHOLD_BYTES if threshold_mib < 0 else int(threshold_mib * 2**20))
     s = SHAPES[shape]
     model = build(config, shape)
     if config.endswith("-ckpt"):

@@ -1,7 +1,7 @@
 """What a sweep costs end to end, and how much of it is orchestration: `loftune run` of a spec against the same
 trials' training steps in one plain PyTorch process.
 
-    python -m bench.bench_sweep                      # jobs/demo.yaml: 4 bases, 4 trials
+    python -m bench.bench_sweep                      # jobs/minilm-demo.yaml: 4 bases, 4 trials
     python -m bench.bench_sweep --spec jobs/minilm-sentiment.yaml
 
 The run starts cold (a fresh cache and run directory), then runs again to measure a resume. The baseline
@@ -69,7 +69,7 @@ def plain_trial(spec, row: dict, cache: BaseCache, tokenizer, data) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--spec", default="jobs/demo.yaml")
+    parser.add_argument("--spec", default="jobs/minilm-demo.yaml")
     parser.add_argument("--json", default=None, help="also write the figures here")
     args = parser.parse_args()
     import transformers

@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, field, replace
 
 from orchestrator.build import BuildRequest
 from orchestrator.spec import JobSpec, Quantization, SpecError
-from workers.matrix_worker import FULL_PRECISION_BITS
+from workers.matrix_worker import FULL_PRECISION_BITS, FULL_PRECISION_METHOD
 from workers.model_source import ModelSource, open_model
 from workers.quant import QuantSpec
 from workers.quant_plan import Override, QuantPlan
@@ -49,6 +49,7 @@ class Trial:
     seed: int  # training seed (grid repeats and random draws get their own)
     training: dict  # other swept training fields, e.g. {"warmup_steps": 10}
     base: str  # the cache entry it trains on
+    method: str | None = None  # how the base was made (loftq | qlora | qalora | lora); None in older run records
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -60,7 +61,7 @@ class Trial:
     def adapter_settings(self, base: AdapterSettings) -> AdapterSettings:
         """The spec's adapter settings at this trial's rank; the full-precision control starts as plain LoRA (A
         random, B = 0: init 'qlora'), since its base stores no LoftQ factors."""
-        init = "qlora" if self.bits == FULL_PRECISION_BITS else base.init
+        init = "qlora" if self.bits == FULL_PRECISION_BITS or self.method == "qlora" else base.init
         return replace(base, rank=self.rank, init=init)
 
     @classmethod
@@ -99,7 +100,7 @@ def sweep_points(spec: JobSpec) -> list[dict]:
     """Every point of the search space: {bits, group_size, rank, lr, seed, training: {...}}, plus `where`,
     the spec path each swept value came from (for error messages)."""
     sweep, q, training = spec.sweep, spec.quantization, spec.training
-    base = {"bits": q.bits, "group_size": q.group_size, "rank": q.rank, "lr": training.lr}
+    base = {"bits": q.bits, "method": q.method, "group_size": q.group_size, "rank": q.rank, "lr": training.lr}
     axes = sweep.axes()
     points = []
     if sweep.mode == "grid":
@@ -129,8 +130,8 @@ def _full_precision_once(points: list[dict]) -> list[dict]:
     out, seen = [], set()
     for point in points:
         if point["bits"] == FULL_PRECISION_BITS:
-            where = {k: v for k, v in point["where"].items() if k != "group_size"}
-            point = {**point, "group_size": None, "where": where}
+            where = {k: v for k, v in point["where"].items() if k not in ("group_size", "method")}
+            point = {**point, "group_size": None, "method": FULL_PRECISION_METHOD, "where": where}
             same = json.dumps({k: v for k, v in point.items() if k != "where"}, sort_keys=True, default=str)
             if same in seen:
                 continue
@@ -183,8 +184,8 @@ def build_request(q: Quantization, source: ModelSource, point: dict) -> BuildReq
     """The base one sweep point trains on: a quantized one, or the bf16 base of the full-precision control."""
     if point["bits"] == FULL_PRECISION_BITS:
         return BuildRequest.full_precision(source, rank=point["rank"], targets=tuple(q.targets))
-    return BuildRequest(source, quant_plan(q, point["bits"], point["group_size"]), method=q.method, rank=point["rank"],
-                        iters=q.iters, targets=tuple(q.targets))
+    return BuildRequest(source, quant_plan(q, point["bits"], point["group_size"]), method=point["method"],
+                        rank=point["rank"], iters=q.iters, targets=tuple(q.targets))
 
 
 def make_plan(spec: JobSpec, work_dir: str) -> Plan:
@@ -211,9 +212,13 @@ def make_plan(spec: JobSpec, work_dir: str) -> Plan:
             request = build_request(q, source, point)
             name = request.key().name
             builds.setdefault((name, point["rank"] if request.stores_factors else None), request)
-            trials.append(Trial(id=trial_id(task.name, point, request.label, repeated), task=task.name,
+            label = request.label
+            if spec.sweep.method and not request.is_full_precision:  # the id says which method (when swept)
+                label = f"{label}-{point['method']}"
+            trials.append(Trial(id=trial_id(task.name, point, label, repeated), task=task.name,
                                 bits=point["bits"], group_size=point["group_size"], rank=point["rank"],
-                                lr=point["lr"], seed=point["seed"], training=point["training"], base=name))
+                                lr=point["lr"], seed=point["seed"], training=point["training"], base=name,
+                                method=point["method"]))
     _check_unique([t.id for t in trials])
     return Plan(spec, source, trials, list(builds.values()))
 
@@ -229,7 +234,7 @@ def _point_problems(q: Quantization, point: dict, shapes: dict[str, tuple]) -> l
     if out:
         return out[:3]  # the first few layers say it; every other layer of the model would repeat it
     rank_field = where.get("rank", "quantization.rank")
-    pooled = q.method == "qalora" and qp is not None  # QA-LoRA's A has in / group_size columns
+    pooled = point["method"] == "qalora" and qp is not None  # QA-LoRA's A has in / group_size columns
     for module, (rows, cols) in shapes.items():
         columns = cols // qp.spec_for(module).group_size if pooled else cols
         if point["rank"] > min(rows, columns):

@@ -108,7 +108,9 @@ def leaderboard(records: list[TrialRecord], spec: JobSpec) -> list[dict]:
 
 def method_of(trial: Trial, spec: JobSpec) -> str:
     """How the trial's base was made: the spec's method, or 'lora' for the full-precision control (bits 16)."""
-    return FULL_PRECISION_METHOD if trial.bits == FULL_PRECISION_BITS else spec.quantization.method
+    if trial.bits == FULL_PRECISION_BITS:
+        return FULL_PRECISION_METHOD
+    return trial.method or spec.quantization.method
 
 
 def _sort_key(record: TrialRecord, metric: str, mode: str) -> tuple:

@@ -49,6 +49,15 @@ class OverrideSpec:
     group_size: int | None = None
 
 
+def method_problems(path: str, kind: str, method: Any) -> list[str]:
+    """A quantization method: one of METHODS, and QA-LoRA only over INT (it merges into the zero points)."""
+    if method not in METHODS:
+        return [f"{path}: expected one of {list(METHODS)}, got {brief(method)}"]
+    if method == "qalora" and kind != "int":
+        return [f"{path}: 'qalora' needs kind 'int' (it merges into INT zero points), got {kind!r}"]
+    return []
+
+
 def bits_problems(where: str, kind: str, bits: Any) -> list[str]:
     """The problem with a trial's `bits` (quantization.bits, sweep.bits[i]), if any: it must be one of the kind's
     bits, or 16 (the full-precision control: LoRA over the bf16 base)."""
@@ -84,10 +93,7 @@ class Quantization:
             out.append(f"{path}.group_size: expected an integer >= 1, got {brief(self.group_size)}")
         if self.scale_dtype not in SCALE_DTYPES:
             out.append(f"{path}.scale_dtype: expected one of {sorted(SCALE_DTYPES)}, got {brief(self.scale_dtype)}")
-        if self.method not in METHODS:
-            out.append(f"{path}.method: expected one of {list(METHODS)}, got {brief(self.method)}")
-        if self.method == "qalora" and self.kind != "int":
-            out.append(f"{path}.method: 'qalora' needs kind 'int' (it merges into INT zero points), got {self.kind!r}")
+        out += method_problems(f"{path}.method", self.kind, self.method)
         if self.rank < 1:
             out.append(f"{path}.rank: expected an integer >= 1, got {brief(self.rank)}")
         if self.iters < 0:
@@ -119,12 +125,14 @@ class Sweep:
     `num_samples` points, one value per axis, and `lr_range: [low, high]` draws the learning rate log-uniformly.
     `max_trials` caps the trials (points x tasks), checked by counting before anything expands the sweep.
     `bits` may hold 16, the full-precision control: the planner gives it one trial per point of the other axes
-    (group sizes do not apply to it), so a grid over bits [2, 4, 16] x group_size [32, 64] has one bits-16 row
-    per rank and lr beside the four quantized ones.
+    (group sizes and methods do not apply to it), so a grid over bits [2, 4, 16] x group_size [32, 64] has one
+    bits-16 row per rank and lr beside the four quantized ones. `method` sweeps how the bases are made (e.g.
+    [loftq, qlora]: LoftQ beside QLoRA on the same bits); swept methods appear in the trial ids.
     """
 
     mode: str = "grid"
     bits: list[int] | None = None
+    method: list[str] | None = None
     rank: list[int] | None = None
     group_size: list[int] | None = None
     lr: list[float] | None = None
@@ -140,7 +148,7 @@ class Sweep:
     max_trials: int = 10_000
     seed: int = 0
 
-    AXES = ("bits", "rank", "group_size", "lr")
+    AXES = ("bits", "method", "rank", "group_size", "lr")
 
     def problems(self, path: str, kind: str) -> list[str]:
         out = []
@@ -159,6 +167,8 @@ class Sweep:
                 out.append(f"{path}.{name}: an empty list sweeps nothing; give at least one value or leave it out")
         for i, bits in enumerate(self.bits or []):
             out += bits_problems(f"{path}.bits[{i}]", kind, bits) if kind in ALLOWED_BITS else []
+        for i, method in enumerate(self.method or []):
+            out += method_problems(f"{path}.method[{i}]", kind, method)
         for name in ("rank", "group_size"):
             for i, value in enumerate(getattr(self, name) or []):
                 if value < 1:
@@ -568,7 +578,8 @@ def build_spec(data: dict, problems: list[str]) -> JobSpec | None:
     if problems:
         return None
     if "init" not in (data.get("adapter") or {}):  # start from LoftQ factors exactly when the base stores them
-        init = "qlora" if q.method == "qlora" or q.iters == 0 or only_full_precision(q, sweep) else "loftq"
+        stores_factors = any(m != "qlora" for m in swept_methods(q, sweep)) and q.iters > 0
+        init = "loftq" if stores_factors and not only_full_precision(q, sweep) else "qlora"
         sections["adapter"] = dataclasses.replace(sections["adapter"], init=init)
     return JobSpec(name=data["name"], model=data["model"], tasks=tasks, **sections)
 
@@ -586,12 +597,19 @@ def _cross_field_problems(data: dict, q: Quantization, sweep: Sweep, tasks: list
     for name in sorted({n for n in names if names.count(n) > 1}):
         out.append(f"tasks: the name {brief(name)} is used twice; task names must be unique (they name the results)")
     init = (data.get("adapter") or {}).get("init")
-    if init == "loftq" and (q.method == "qlora" or q.iters == 0):
-        out.append(f"adapter.init: 'loftq' starts from LoftQ factors, but quantization.method {q.method!r} with "
-                   f"iters {q.iters} stores none; use init 'qlora' or method 'loftq' with iters >= 1")
+    methods = swept_methods(q, sweep)
+    if init == "loftq" and (set(methods) == {"qlora"} or q.iters == 0):
+        what = f"sweep.method {methods}" if sweep.method else f"quantization.method {q.method!r}"
+        out.append(f"adapter.init: 'loftq' starts from LoftQ factors, but {what} with iters {q.iters} stores none; "
+                   f"use init 'qlora' or method 'loftq' with iters >= 1")
     if only_full_precision(q, sweep):
         out += _full_precision_problems(data, q, sweep, init)
     return out
+
+
+def swept_methods(q: Quantization, sweep: Sweep) -> list[str]:
+    """The methods the sweep's quantized trials use: sweep.method, else quantization.method."""
+    return list(sweep.method or [q.method])
 
 
 def only_full_precision(q: Quantization, sweep: Sweep) -> bool:
@@ -606,9 +624,11 @@ def _full_precision_problems(data: dict, q: Quantization, sweep: Sweep, init: An
     why = f"every trial is bits 16 ({where}: LoRA over the bf16 base)"
     fix = "or sweep quantized bits beside 16 in sweep.bits"
     out = []
-    if q.method == "qalora":
+    if "qalora" in swept_methods(q, sweep):
         out.append(f"quantization.method: 'qalora' pools its adapter over INT quantization groups, but {why}, which "
                    f"has none; use method 'loftq' or 'qlora' (plain LoRA at bits 16), {fix}")
+    if sweep.method:
+        out.append(f"sweep.method: {why}, whose base is not quantized by any method; remove sweep.method, {fix}")
     if sweep.group_size:
         out.append(f"sweep.group_size: {why}, which has no quantization groups; remove sweep.group_size, {fix}")
     quantization = data.get("quantization") if isinstance(data.get("quantization"), dict) else {}

@@ -142,8 +142,8 @@ def test_quantized_keys_did_not_change(request_, name):
 
 
 def test_the_demo_spec_still_plans_the_bases_its_cache_holds(tmp_path):
-    """jobs/demo.yaml's four bases, as `make demo` named them in runs/demo-cache before bits 16 existed."""
-    spec = load_spec(os.path.join(os.path.dirname(__file__), "..", "jobs", "demo.yaml"),
+    """jobs/minilm-demo.yaml's four bases, as `make demo` named them in runs/demo-cache before bits 16 existed."""
+    spec = load_spec(os.path.join(os.path.dirname(__file__), "..", "jobs", "minilm-demo.yaml"),
                      [f"cache.uri={tmp_path / 'cache'}"])
     assert sorted(make_plan(spec, str(tmp_path)).bases) == [
         "minilm-l6__nf2-g64__loftq-t5-r16__601db7a7c65b", "minilm-l6__nf2-g64__loftq-t5-r8__47f9e3f1ffdc",

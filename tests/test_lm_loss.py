@@ -50,14 +50,17 @@ def loss_and_grads(model, loss):
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-@pytest.mark.parametrize("prompt_tokens,chunk", [(0, 7), (0, 10_000), (25, 4)])
+@pytest.mark.parametrize("prompt_tokens,chunk,recompute", [(0, 7, True), (0, 10_000, True), (25, 4, True),
+                                                           (0, 7, False), (25, 4, False)])
 @pytest.mark.parametrize("checkpointing", [False, True])
-def test_chunked_loss_is_transformers_loss_with_the_same_gradients(entry, prompt_tokens, chunk, checkpointing):
+def test_chunked_loss_is_transformers_loss_with_the_same_gradients(entry, prompt_tokens, chunk, recompute,
+                                                                  checkpointing):
     ids, mask, labels = batch(prompt_tokens)
     reference = fresh_model(entry, checkpointing)
     ref_loss, ref_grads = loss_and_grads(reference, reference(input_ids=ids, attention_mask=mask, labels=labels).loss)
     model = fresh_model(entry, checkpointing)
-    loss, grads = loss_and_grads(model, causal_lm_loss(model, ids, labels, mask, chunk_tokens=chunk))
+    loss, grads = loss_and_grads(model, causal_lm_loss(model, ids, labels, mask, chunk_tokens=chunk,
+                                                       recompute=recompute))
     torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
     assert grads.keys() == ref_grads.keys() and len(grads) > 14
     for name, grad in grads.items():

@@ -129,3 +129,43 @@ def test_concurrency_fills_the_cluster_up_to_the_cap(tmp_path):
     assert max_concurrent(spec_of(tmp_path, "sweep.max_concurrent_trials=1"), {"CPU": 9.0}) == 1
     local = local_cluster(spec_of(tmp_path))
     assert local["CPU"] > (os.cpu_count() or 1)  # this machine's cores plus the trial drivers' slivers
+
+
+def test_a_method_axis_puts_loftq_beside_qlora_and_one_control_row(tmp_path):
+    plan = plan_of(tmp_path, "sweep.method=[loftq, qlora]", "sweep.bits=[2, 4, 16]", "sweep.rank=[8]")
+    by_id = {t.id: t for t in plan.trials}
+    assert sorted(by_id) == ["s-bf16-r8-lr0.001", "s-nf2-g64-loftq-r8-lr0.001", "s-nf2-g64-qlora-r8-lr0.001",
+                             "s-nf4-g64-loftq-r8-lr0.001", "s-nf4-g64-qlora-r8-lr0.001"]
+    assert len(plan.bases) == 5  # two methods x two bits, and the bf16 base
+    assert by_id["s-nf2-g64-qlora-r8-lr0.001"].method == "qlora" and "qlora" in by_id["s-nf2-g64-qlora-r8-lr0.001"].base
+    assert by_id["s-bf16-r8-lr0.001"].method == "lora"
+    inits = {t.id: t.adapter_settings(plan.spec.adapter).init for t in plan.trials}
+    assert plan.spec.adapter.init == "loftq"  # some swept method stores LoftQ factors
+    assert inits == {"s-bf16-r8-lr0.001": "qlora", "s-nf2-g64-loftq-r8-lr0.001": "loftq",
+                     "s-nf2-g64-qlora-r8-lr0.001": "qlora", "s-nf4-g64-loftq-r8-lr0.001": "loftq",
+                     "s-nf4-g64-qlora-r8-lr0.001": "qlora"}
+    # only LoftQ builds store factors; the others build once
+    assert sorted((b.method, b.label) for b in plan.builds) == [
+        ("loftq", "nf2-g64"), ("loftq", "nf4-g64"), ("lora", "bf16"), ("qlora", "nf2-g64"), ("qlora", "nf4-g64")]
+
+
+def test_without_a_method_axis_trial_ids_keep_their_form(tmp_path):
+    assert sorted(t.id for t in plan_of(tmp_path).trials) == [
+        "s-nf2-g64-r16-lr0.001", "s-nf2-g64-r8-lr0.001", "s-nf4-g64-r16-lr0.001", "s-nf4-g64-r8-lr0.001"]
+
+
+@pytest.mark.parametrize("override,expected", [
+    ("sweep.method=[loftq, gptq]", "sweep.method[1]: expected one of"),
+    ("sweep.method=[qalora]", "sweep.method[0]: 'qalora' needs kind 'int'"),
+    ("sweep.method=[]", "sweep.method: an empty list sweeps nothing"),
+])
+def test_a_bad_method_axis_names_its_field(tmp_path, override, expected):
+    with pytest.raises(SpecError) as err:
+        spec_of(tmp_path, override)
+    assert expected in str(err.value)
+
+
+def test_a_method_axis_over_only_the_control_is_refused(tmp_path):
+    with pytest.raises(SpecError) as err:
+        spec_of(tmp_path, "sweep.bits=[16]", "sweep.method=[loftq, qlora]")
+    assert "sweep.method: every trial is bits 16" in str(err.value)

@@ -25,8 +25,13 @@ CHUNK_TOKENS = 256
 
 
 def causal_lm_loss(model: torch.nn.Module, input_ids: torch.Tensor, labels: torch.Tensor,
-                   attention_mask: torch.Tensor | None = None, chunk_tokens: int = CHUNK_TOKENS) -> torch.Tensor:
-    """Mean next-token cross-entropy of `model` (a *ForCausalLM) over the tokens whose label is not ignored."""
+                   attention_mask: torch.Tensor | None = None, chunk_tokens: int = CHUNK_TOKENS,
+                   recompute: bool = True) -> torch.Tensor:
+    """Mean next-token cross-entropy of `model` (a *ForCausalLM) over the tokens whose label is not ignored.
+
+    `recompute` runs each chunk under checkpointing (one chunk's logits at a time, the head's matmul twice);
+    without it the chunks' logits are kept for backward, as transformers keeps them, but only for scored tokens.
+    """
     hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
     targets = labels[:, 1:]
     scored = targets != IGNORE_INDEX
@@ -35,7 +40,10 @@ def causal_lm_loss(model: torch.nn.Module, input_ids: torch.Tensor, labels: torc
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, y.numel(), chunk_tokens):
         part = slice(start, start + chunk_tokens)
-        total = total + checkpoint(_summed_cross_entropy, head, h[part], y[part], use_reentrant=False)
+        if recompute:
+            total = total + checkpoint(_summed_cross_entropy, head, h[part], y[part], use_reentrant=False)
+        else:
+            total = total + _summed_cross_entropy(head, h[part], y[part])
     return total / max(y.numel(), 1)
 
 
@@ -43,9 +51,10 @@ def _summed_cross_entropy(head: torch.nn.Module, h: torch.Tensor, y: torch.Tenso
     return F.cross_entropy(head(h).float(), y, reduction="sum")
 
 
-def use_chunked_loss(model: torch.nn.Module) -> bool:
+def use_chunked_loss(model: torch.nn.Module, recompute: bool = True) -> bool:
     """Make `model(..., labels=...)` in training mode return the chunked loss (and no logits); evaluation and
-    generation keep transformers' forward. Returns False (and changes nothing) for other architectures."""
+    generation keep transformers' forward. Returns False (and changes nothing) for other architectures.
+    `recompute` as in `causal_lm_loss` (a worker recomputes when activation checkpointing is on)."""
     if getattr(model.config, "model_type", None) not in CHUNKED_LOSS_MODELS:
         return False
     full_forward = model.forward
@@ -55,7 +64,8 @@ def use_chunked_loss(model: torch.nn.Module) -> bool:
             return full_forward(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
         from transformers.modeling_outputs import CausalLMOutputWithPast
 
-        return CausalLMOutputWithPast(loss=causal_lm_loss(self, input_ids, labels, attention_mask))
+        return CausalLMOutputWithPast(loss=causal_lm_loss(self, input_ids, labels, attention_mask,
+                                                          recompute=recompute))
 
     model.forward = types.MethodType(forward, model)
     return True

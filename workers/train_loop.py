@@ -109,7 +109,6 @@ def train_func(config: dict) -> None:
     from workers.tasks import load_task
 
     job: JobConfig = config["job"]
-    pin_malloc_thresholds()  # before the model: a fragmented heap kept hundreds of MB at the step's peak
     torch.set_num_threads(job.threads_per_worker)
     torch.manual_seed(job.training.seed)
     ctx = ray.train.get_context()
@@ -121,8 +120,10 @@ def train_func(config: dict) -> None:
     num_labels = {"classification": data.num_labels, "regression": 1}.get(job.task.type)
     model = build_model(job.model_config, from_shared(ray.get(job.base_ref)), job.adapter, job.adapter_kind,
                         num_labels, activation_checkpointing=settings.activation_checkpointing)  # object-store views
-    if num_labels is None:
-        use_chunked_loss(model)  # the loss without the [tokens, vocab] logits at the step's peak
+    if settings.activation_checkpointing:  # memory first: the peak without fragmentation or the full logits
+        pin_malloc_thresholds()
+    if num_labels is None:  # the head and loss over the scored tokens only, one chunk at a time if checkpointing
+        use_chunked_loss(model, recompute=settings.activation_checkpointing)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=settings.lr, weight_decay=settings.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_multiplier(settings, step))
