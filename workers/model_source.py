@@ -15,6 +15,7 @@ import contextlib
 import fnmatch
 import hashlib
 import importlib.util
+import io
 import json
 import os
 import re
@@ -449,8 +450,10 @@ def _convert_gguf(gguf_file: str, out: str, dtype: torch.dtype, identity: dict) 
 
     folder, name = os.path.split(gguf_file)
     try:
-        loaded = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
-        tokenizer = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        # transformers draws its own bar per GGUF read (not switchable); this conversion prints its own lines
+        with contextlib.redirect_stderr(io.StringIO()):
+            loaded = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+            tokenizer = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)
     except ImportError as exc:  # transformers says so when gguf is missing or too old
         raise FileNotFoundError(f"model: reading {name} needs the package gguf (pip install gguf==0.19.0): {exc}"
                                 ) from None
