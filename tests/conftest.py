@@ -150,3 +150,27 @@ def sweep(tmp_path_factory):
     assert proc.returncode == 0, proc.stderr[-3000:]
     return {"spec": spec, "run_dir": run_dir, "cache": cache, "summary": json.loads(proc.stdout),
             "stderr": proc.stderr}
+
+
+def fake_trained_checkpoint(model, folder, state: dict) -> str:
+    """A stand-in for training: every trainable tensor of `model` moves away from its start (seeded), and the
+    result is saved as a trial checkpoint (trainable tensors + state.json) in `folder`; returns its path."""
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+
+    from workers.checkpoint import STATE_FILE, TRAINABLE_FILE
+
+    torch.manual_seed(3)
+    trained = {}
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.05)
+                trained[name] = p.detach().clone()
+    os.makedirs(folder)
+    save_file(trained, os.path.join(folder, TRAINABLE_FILE))
+    with open(os.path.join(folder, STATE_FILE), "w") as f:
+        json.dump(state, f)
+    return str(folder)

@@ -9,7 +9,7 @@ import os
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from orchestrator.best import export_best
 from orchestrator.build import ensure_base, load_entry_tensors
@@ -17,7 +17,7 @@ from orchestrator.cache import BaseCache
 from orchestrator.plan import make_plan
 from orchestrator.results import TrialRecord
 from orchestrator.spec import load_spec
-from workers.checkpoint import STATE_FILE, TRAINABLE_FILE
+from tests.conftest import fake_trained_checkpoint
 from workers.surgery import apply_quantized_base
 from workers.train_loop import build_model
 
@@ -45,17 +45,7 @@ def qalora_run(tmp_path):
     manifest = cache.show(trial.base)
     model = build_model(manifest["model"]["config"], load_entry_tensors(cache, trial.base, rank=trial.rank),
                         trial.adapter_settings(spec.adapter), "qalora", num_labels=2).eval()
-    torch.manual_seed(3)
-    trained = {}
-    with torch.no_grad():  # stand-in for training: every trainable tensor moves away from its start
-        for name, p in model.named_parameters():
-            if p.requires_grad:
-                p.add_(torch.randn_like(p) * 0.05)
-                trained[name] = p.detach().clone()
-    checkpoint = tmp_path / "checkpoint"
-    checkpoint.mkdir()
-    save_file(trained, str(checkpoint / TRAINABLE_FILE))
-    (checkpoint / STATE_FILE).write_text(json.dumps({"step": 5, "num_labels": 2}))
+    checkpoint = fake_trained_checkpoint(model, tmp_path / "checkpoint", {"step": 5, "num_labels": 2})
     record = TrialRecord(trial, "done", 5, [{"step": 5, "eval_accuracy": 0.75, "checkpoint_path": str(checkpoint)}])
     return spec, cache, record, model
 

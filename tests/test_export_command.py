@@ -14,7 +14,6 @@ import pytest
 import torch
 import transformers
 import yaml
-from safetensors.torch import save_file
 
 from orchestrator.build import ensure_base, load_entry_tensors
 from orchestrator.cache import BaseCache
@@ -22,8 +21,7 @@ from orchestrator.export_model import ExportError, base_source, trial_source, wr
 from orchestrator.plan import make_plan
 from orchestrator.results import TrialRecord
 from orchestrator.spec import load_spec
-from tests.conftest import loftune
-from workers.checkpoint import STATE_FILE, TRAINABLE_FILE
+from tests.conftest import fake_trained_checkpoint, loftune
 from workers.export import merged_fp_model, quant_layers
 from workers.train_loop import build_model
 
@@ -52,17 +50,7 @@ def causal_trial(root, quantization: dict, model: str = "tiny-llama") -> tuple:
     model = build_model(cache.show(trial.base)["model"]["config"],
                         load_entry_tensors(cache, trial.base, rank=trial.rank if adapter.init == "loftq" else None),
                         adapter, kind, None)
-    torch.manual_seed(3)
-    trained = {}
-    with torch.no_grad():  # stand-in for training: every trainable tensor moves away from its start
-        for name, p in model.named_parameters():
-            if p.requires_grad:
-                p.add_(torch.randn_like(p) * 0.05)
-                trained[name] = p.detach().clone()
-    checkpoint = root / "checkpoint"
-    checkpoint.mkdir()
-    save_file(trained, str(checkpoint / TRAINABLE_FILE))
-    (checkpoint / STATE_FILE).write_text(json.dumps({"step": 5}))
+    checkpoint = fake_trained_checkpoint(model, root / "checkpoint", {"step": 5})
     record = TrialRecord(trial, "done", 5, [{"step": 5, "eval_exact_match": 0.5, "checkpoint_path": str(checkpoint)}])
     return spec, cache, record, model.eval()
 
