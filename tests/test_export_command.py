@@ -17,9 +17,10 @@ import yaml
 
 from orchestrator.build import ensure_base, load_entry_tensors
 from orchestrator.cache import BaseCache
-from orchestrator.export_model import ExportError, base_source, trial_source, write_export
+from orchestrator.export_model import ExportError, base_source, choose_trials, trial_source, write_export
 from orchestrator.plan import make_plan
 from orchestrator.results import TrialRecord
+from orchestrator.run import read_run_spec
 from orchestrator.spec import load_spec
 from tests.conftest import fake_trained_checkpoint, loftune
 from workers.export import merged_fp_model, quant_layers
@@ -158,12 +159,16 @@ def test_the_command_exports_the_best_trial_of_a_real_run(sweep, tmp_path):
     assert json.loads(proc.stdout) == {"exported": [out]}
     with open(os.path.join(out, "loftune.json")) as f:
         provenance = json.load(f)
-    best = sweep["summary"]["rows"][0]
+    best = sweep["summary"]["leaderboard"][0]
     assert provenance["trial"]["id"] == best["trial"] and provenance["base"] == best["base"]
     base = transformers.AutoModelForSequenceClassification.from_pretrained(os.path.join(out, "base"))
     model = PeftModel.from_pretrained(base, os.path.join(out, "adapter")).eval()
+    spec = read_run_spec(sweep["run_dir"])
+    ours = trial_source(spec, choose_trials(sweep["run_dir"], spec)[0], BaseCache(sweep["cache"])).model
     with torch.no_grad():
-        assert model(input_ids=PROMPT).logits.shape == (1, 2)
+        theirs, expected = model(input_ids=PROMPT).logits.float(), ours(input_ids=PROMPT).logits.float()
+    assert theirs.shape == (1, 3)  # negative / neutral / positive, with the trained head
+    torch.testing.assert_close(theirs, expected, rtol=0, atol=0.03 * expected.abs().max().item() + 1e-3)
     # the run's own best export has the same layout
     best_dir = os.path.join(sweep["run_dir"], "best", "sentiment")
     assert sorted(os.listdir(best_dir)) == ["adapter", "base", "loftune.json"]
