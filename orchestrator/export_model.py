@@ -27,7 +27,7 @@ from orchestrator.results import TrialRecord, best_records, read_trials
 from orchestrator.spec import JobSpec, metric_for
 from workers.checkpoint import STATE_FILE, TRAINABLE_FILE
 from workers.export import PROVENANCE_FILE, export_peft_adapter, merged_fp_model, quant_layers, write_provenance
-from workers.model_source import HEAD_NAMES
+from workers.model_source import HEAD_NAMES, write_tokenizer_files
 from workers.train_loop import build_model
 from workers.train_settings import AdapterSettings
 
@@ -203,9 +203,7 @@ def _save_hf(model: nn.Module, folder: str, source: ExportSource) -> None:
     model = model.to(torch.bfloat16)
     model.config.dtype = "bfloat16"
     model.save_pretrained(folder, safe_serialization=True)
-    for name, data in source.tokenizer_files.items():
-        with open(os.path.join(folder, name), "wb") as f:
-            f.write(data)
+    write_tokenizer_files(source.tokenizer_files, folder)
 
 
 def _write_gguf(source: ExportSource, folder: str, gguf_type: str | None) -> None:
@@ -223,13 +221,11 @@ def _write_gguf(source: ExportSource, folder: str, gguf_type: str | None) -> Non
         for name, layer in quant_layers(source.model).items():
             layer.merge()  # the adapter folds into the zero points: still INT, same codes and scales
             quantized[name] = layer.quantized
-    merged = merged_fp_model(source.model, with_adapter=True)
-    tensors = {k: v for k, v in merged.state_dict().items()
-               if not any(k.startswith(f"{name}.") and k.endswith(".weight") for name in quantized)}
+    written_quantized = {f"{name}.weight" for name in quantized}
+    tensors = {k: v for k, v in merged_fp_model(source.model, with_adapter=True).state_dict().items()
+               if k not in written_quantized}
     with tempfile.TemporaryDirectory() as tokenizer_dir:
-        for name, data in source.tokenizer_files.items():
-            with open(os.path.join(tokenizer_dir, name), "wb") as f:
-                f.write(data)
+        write_tokenizer_files(source.tokenizer_files, tokenizer_dir)
         write_gguf(os.path.join(folder, GGUF_FILE), config=source.model_config, tensors=tensors,
                    tokenizer_dir=tokenizer_dir, quantized=quantized or None, gguf_type=gguf_type or "f16",
                    metadata={"general.name": str(source.provenance.get("task") or source.provenance["base"])})

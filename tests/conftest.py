@@ -174,3 +174,18 @@ def fake_trained_checkpoint(model, folder, state: dict) -> str:
     with open(os.path.join(folder, STATE_FILE), "w") as f:
         json.dump(state, f)
     return str(folder)
+
+
+def planned_with_bases(spec_path) -> tuple:
+    """(spec, cache, plan) of a job spec file, every base of the plan built into the spec's cache."""
+    from orchestrator.build import ensure_base
+    from orchestrator.cache import BaseCache
+    from orchestrator.plan import make_plan
+    from orchestrator.spec import load_spec
+
+    spec = load_spec(str(spec_path))
+    cache = BaseCache(spec.cache.uri)
+    plan = make_plan(spec, cache.root)
+    for request in plan.builds:
+        ensure_base(request, cache, progress=False)
+    return spec, cache, plan

@@ -12,12 +12,9 @@ import yaml
 from safetensors.torch import load_file
 
 from orchestrator.best import export_best
-from orchestrator.build import ensure_base, load_entry_tensors
-from orchestrator.cache import BaseCache
-from orchestrator.plan import make_plan
+from orchestrator.build import load_entry_tensors
 from orchestrator.results import TrialRecord
-from orchestrator.spec import load_spec
-from tests.conftest import fake_trained_checkpoint
+from tests.conftest import fake_trained_checkpoint, planned_with_bases
 from workers.surgery import apply_quantized_base
 from workers.train_loop import build_model
 
@@ -36,11 +33,7 @@ def qalora_run(tmp_path):
                          "scale_dtype": "float32"},
         "tasks": [{"name": "t", "type": "classification", "train_file": str(data)}],
         "training": {"max_steps": 5}}))
-    spec = load_spec(str(spec_path))
-    cache = BaseCache(spec.cache.uri)
-    plan = make_plan(spec, cache.root)
-    for request in plan.builds:
-        ensure_base(request, cache, progress=False)
+    spec, cache, plan = planned_with_bases(spec_path)
     trial = plan.trials[0]
     manifest = cache.show(trial.base)
     model = build_model(manifest["model"]["config"], load_entry_tensors(cache, trial.base, rank=trial.rank),

@@ -15,14 +15,12 @@ import torch
 import transformers
 import yaml
 
-from orchestrator.build import ensure_base, load_entry_tensors
+from orchestrator.build import load_entry_tensors
 from orchestrator.cache import BaseCache
 from orchestrator.export_model import ExportError, base_source, choose_trials, trial_source, write_export
-from orchestrator.plan import make_plan
 from orchestrator.results import TrialRecord
 from orchestrator.run import read_run_spec
-from orchestrator.spec import load_spec
-from tests.conftest import fake_trained_checkpoint, loftune
+from tests.conftest import fake_trained_checkpoint, loftune, planned_with_bases
 from workers.export import merged_fp_model, quant_layers
 from workers.train_loop import build_model
 
@@ -40,11 +38,7 @@ def causal_trial(root, quantization: dict, model: str = "tiny-llama") -> tuple:
         "tasks": [{"name": "arith", "type": "prompt_answer", "train_file": os.path.abspath(ARITHMETIC),
                    "prompt_column": "question", "answer_column": "answer"}],
         "training": {"max_steps": 5}}))
-    spec = load_spec(str(spec_path))
-    cache = BaseCache(spec.cache.uri)
-    plan = make_plan(spec, cache.root)
-    for request in plan.builds:
-        ensure_base(request, cache, progress=False)
+    spec, cache, plan = planned_with_bases(spec_path)
     trial = plan.trials[0]
     kind = "qalora" if quantization.get("method") == "qalora" else "lora"
     adapter = trial.adapter_settings(spec.adapter)

@@ -26,8 +26,8 @@ import math
 
 import torch
 
-from workers.loftq import LoftQResult, _result, exact_svd, randomized_svd
-from workers.quant import QuantSpec, check_groupable, dequantize_codes, quantize_codes
+from workers.loftq import LoftQResult, _result, check_args, exact_svd, randomized_svd
+from workers.quant import QuantSpec, dequantize_codes, quantize_codes
 
 DAMPING = 0.01
 MAX_DAMPING_TRIES = 8
@@ -67,11 +67,9 @@ def calibrated_init(
 ) -> LoftQResult:
     """Quantize `weight` [out, in] and return Q plus the LoRA factors that minimize the output error on inputs
     whose Gram matrix is `gram` [in, in] (see the module docstring). Deterministic for a fixed `seed`."""
-    check_groupable(tuple(weight.shape), spec.group_size)
-    if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank <= min(weight.shape):
-        raise ValueError(f"calibrated_init: rank must be an integer in [0, {min(weight.shape)}], got {rank!r}")
-    if isinstance(iters, bool) or not isinstance(iters, int) or iters < 1:
-        raise ValueError(f"calibrated_init: iters must be an integer >= 1, got {iters!r}")
+    check_args(weight, spec, rank, iters, scale, svd, "lora")  # LoftQ's argument rules, the same here
+    if iters < 1:
+        raise ValueError(f"calibrated_init: iters must be an integer >= 1 (0 is QLoRA: use loftq_init), got {iters}")
     if gram.shape != (weight.shape[1], weight.shape[1]):
         raise ValueError(f"calibrated_init: gram has shape {tuple(gram.shape)}, expected [in, in] = "
                          f"{(weight.shape[1], weight.shape[1])} for weight {tuple(weight.shape)}")

@@ -122,8 +122,9 @@ def adapter_delta(
     return scale * (B.float() @ A.float())
 
 
-def _check_args(weight: torch.Tensor, spec: QuantSpec, rank: int, iters: int, scale: float, svd: str,
+def check_args(weight: torch.Tensor, spec: QuantSpec, rank: int, iters: int, scale: float, svd: str,
                 adapter: str) -> None:
+    """ValueError naming the argument, for every input a per-matrix initialization (LoftQ, cloq) takes."""
     if not isinstance(spec, QuantSpec):
         raise ValueError(f"loftq_init: spec must be a QuantSpec, got {type(spec).__name__}")
     check_groupable(tuple(weight.shape), spec.group_size)
@@ -166,7 +167,7 @@ def loftq_init(
     `scale` is the LoRA scale alpha / r used at training time; the factors are divided by sqrt(scale)
     so that Q + scale * B @ A is the intended approximation. Deterministic for a fixed `seed`.
     """
-    _check_args(weight, spec, rank, iters, scale, svd, adapter)
+    check_args(weight, spec, rank, iters, scale, svd, adapter)
     w = weight.detach().float()
     out_f, in_f = w.shape
     gen = torch.Generator(device=w.device).manual_seed(seed)

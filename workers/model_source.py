@@ -179,6 +179,17 @@ def _check_tokenizer_copy(tokenizer, files: dict[str, bytes]) -> None:
         raise ValueError("its JSON files alone tokenize differently")
 
 
+def write_tokenizer_files(files: dict[str, bytes], folder: str) -> None:
+    """Write a cache entry's tokenizer (file name -> bytes) into `folder`. The names come from a cache, which is
+    not trusted: each must be a plain *.json file name (no path), or ValueError."""
+    for name in files:
+        if os.path.basename(name) != name or not name.endswith(".json"):
+            raise ValueError(f"tokenizer file {name!r}: expected a plain *.json file name")
+    for name, data in files.items():
+        with open(os.path.join(folder, name), "wb") as f:
+            f.write(data)
+
+
 def module_matches(module: str, pattern: str) -> bool:
     """A pattern matches a module by full name, by a dotted suffix (peft-style) or as a glob."""
     return module == pattern or module.endswith("." + pattern) or fnmatch.fnmatchcase(module, pattern)

@@ -22,6 +22,7 @@ from workers.checkpoint import load_checkpoint, save_checkpoint
 from workers.evaluate import evaluate, quiet_generator
 from workers.lm_loss import use_chunked_loss
 from workers.malloc_tuning import pin_malloc_thresholds
+from workers.model_source import write_tokenizer_files
 from workers.qlayers import QuantLoraLinear
 from workers.shared_tensors import from_shared
 from workers.surgery import apply_quantized_base, empty_parameters, init_missing, is_plain
@@ -151,11 +152,7 @@ def load_tokenizer(job: JobConfig):
     if not job.tokenizer_files:
         return transformers.AutoTokenizer.from_pretrained(job.tokenizer_dir)
     with tempfile.TemporaryDirectory() as folder:
-        for name, data in job.tokenizer_files.items():
-            if os.path.basename(name) != name or not name.endswith(".json"):
-                raise ValueError(f"tokenizer file {name!r}: expected a plain *.json file name")
-            with open(os.path.join(folder, name), "wb") as f:
-                f.write(data)
+        write_tokenizer_files(job.tokenizer_files, folder)
         return transformers.AutoTokenizer.from_pretrained(folder)
 
 
