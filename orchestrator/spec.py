@@ -26,7 +26,7 @@ from typing import Any
 import yaml
 
 from orchestrator.errors import SpecError
-from workers.matrix_worker import FULL_PRECISION_BITS, METHODS
+from workers.entry_format import FULL_PRECISION_BITS, METHODS
 from workers.messages import SAFE_NAME, brief, clip, name_problem
 from workers.quant import ALLOWED_BITS, SCALE_DTYPES
 from workers.train_settings import AdapterSettings, TrainSettings

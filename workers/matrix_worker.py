@@ -18,24 +18,20 @@ from dataclasses import dataclass, field
 
 import torch
 
+from workers.entry_format import (  # noqa: F401  (re-exported: the names a build writes)
+    FP_WEIGHT,
+    FULL_PRECISION_BITS,
+    FULL_PRECISION_DTYPE_NAME,
+    FULL_PRECISION_METHOD,
+    METHOD_ADAPTER,
+    METHODS,
+    is_factor,
+    qweight_names,
+)
 from workers.loftq import loftq_init
 from workers.quant import QuantSpec
 
-METHOD_ADAPTER = {"loftq": "lora", "qlora": "lora", "qalora": "qalora"}
-METHODS = tuple(METHOD_ADAPTER)  # the methods of a quantized base
-FACTOR_SUFFIXES = (".lora_A", ".lora_B")
-
-# The full-precision control (DESIGN.md): `bits: 16` is plain LoRA over the bf16 base. Its entry keeps each target's
-# weight in bf16 under `<module>.fpweight`; quantizer kind, group size and method do not apply to it.
-FULL_PRECISION_BITS = 16
-FULL_PRECISION_METHOD = "lora"
-FULL_PRECISION_DTYPE = torch.bfloat16
-FP_WEIGHT = ".fpweight"
-
-
-def is_factor(name: str) -> bool:
-    """Whether a stored tensor is a LoftQ factor (`<module>.lora_A` / `.lora_B`)."""
-    return name.endswith(FACTOR_SUFFIXES)
+FULL_PRECISION_DTYPE = getattr(torch, FULL_PRECISION_DTYPE_NAME)
 
 
 @dataclass(frozen=True)
@@ -63,10 +59,6 @@ class MatrixResult:
     seconds: float = 0.0
     device: str = "cpu"
     node: str = ""  # the Ray node that ran it (provenance for the manifest; never part of the cache key)
-
-
-def qweight_names(module: str) -> list[str]:
-    return [f"{module}.qweight.{part}" for part in ("codes", "scales", "zeros", "qmeta")]
 
 
 class MatrixWorker:
