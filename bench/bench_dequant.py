@@ -40,8 +40,8 @@ LAYER_SHAPE, TOKENS = (4096, 11008), 256  # the layer whose saved bytes and step
 
 
 def old_dequantize(q: QuantizedTensor, dtype: torch.dtype) -> torch.Tensor:
-    """The previous `dequantize`, frozen: the speed baseline here, and the reference tests/test_quant.py holds the
-    fast path to, bit for bit."""
+    """The previous `dequantize`, frozen: the speed baseline here, and the reference that
+    tests/workers/test_quant.py holds the fast path to, bit for bit."""
     unit_codes, unit_bytes = {2: (4, 1), 3: (8, 3), 4: (2, 1), 8: (1, 1)}[q.spec.bits]
     bits, (out_f, in_f) = q.spec.bits, q.shape
     byte_shifts = torch.arange(unit_bytes, dtype=torch.int32) * 8

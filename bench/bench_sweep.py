@@ -18,13 +18,12 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import replace
 
 import torch
 import yaml
 
-from orchestrator.build import load_entry_tensors
 from orchestrator.cache import BaseCache
+from orchestrator.entry import read_model_inputs
 from orchestrator.spec import load_spec
 from workers.tasks import load_task
 from workers.train_loop import build_model
@@ -44,10 +43,9 @@ def run_loftune(spec_path: str, run_dir: str) -> tuple[float, dict]:
 def plain_trial(spec, row: dict, cache: BaseCache, tokenizer, data) -> float:
     """The trial's steps and evaluation in this process: the work without the orchestration."""
     start = time.perf_counter()
-    manifest = cache.show(row["base"])
-    adapter = replace(spec.adapter, rank=row["rank"])
-    tensors = load_entry_tensors(cache, row["base"], rank=row["rank"] if adapter.init == "loftq" else None)
-    model = build_model(manifest["model"]["config"], tensors, adapter, "lora", data.num_labels)
+    adapter = spec.adapter.at_rank(row["rank"])
+    inputs = read_model_inputs(cache, row["base"], rank=adapter.rank, init=adapter.init)
+    model = build_model(inputs.model_config, inputs.tensors, adapter, inputs.adapter_kind, data.num_labels)
     settings = spec.training
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=row["lr"])
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_multiplier(settings, s))

@@ -41,7 +41,7 @@ PYEOF
 
 status=0
 "$PY" -m pytest -q -m gpu -p no:cacheprovider 2>&1 | tee "$RESULTS/pytest-gpu.txt" || status=1
-"$PY" -m pytest -q tests/test_kernels.py tests/test_bnb_nf4.py -p no:cacheprovider 2>&1 \
+"$PY" -m pytest -q tests/workers/test_kernels.py tests/workers/test_bnb_nf4.py -p no:cacheprovider 2>&1 \
     | tee "$RESULTS/pytest-kernels.txt" || status=1
 
 "$PY" - <<'PYEOF' 2>&1 | tee "$RESULTS/bnb-ftz-probe.txt" || status=1

@@ -16,11 +16,10 @@ import os
 from orchestrator.cache import BaseCache
 from orchestrator.export_model import trial_source, write_format
 from orchestrator.results import TrialRecord
+from orchestrator.run_dir import BEST_DIR
 from orchestrator.safe_paths import check_component, remove_tree
 from orchestrator.spec import JobSpec
 from workers.export import export_qalora_merged
-
-BEST_DIR = "best"
 
 
 def export_best(run_dir: str, spec: JobSpec, record: TrialRecord, cache: BaseCache) -> str:

@@ -5,7 +5,7 @@
 A hit is checked before it is trusted: every file's size (and its sha256 with `verify_hashes`, which the driver of
 a run asks for once per entry). A broken entry is rebuilt under its lock: it is content-addressed, so the rebuild
 is identical. An entry is self-contained: it carries the model's config and tokenizer as JSON files
-(`entry_tokenizer_files`), so a cache that was copied or mounted elsewhere still trains.
+(orchestrator/entry.py names the files and reads them), so a cache that was copied or mounted elsewhere still trains.
 
 The driver streams one full-precision matrix at a time from the model files into the object store, at
 most two per actor in flight, and writes each shard of results as soon as all its matrices are back, so
@@ -20,107 +20,38 @@ from __future__ import annotations
 
 import logging
 import os
-import re
-import statistics
 import sys
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 
 import ray
 import torch
 from tqdm import tqdm
 
-from orchestrator.cache import BaseCache, BaseCacheKey, CacheCorruptError, CacheError, CacheForeignError
-from workers.matrix_worker import (
-    FULL_PRECISION_BITS,
-    FULL_PRECISION_DTYPE,
-    FULL_PRECISION_METHOD,
-    METHODS,
-    MatrixJob,
-    MatrixResult,
-    MatrixWorker,
-    is_factor,
+from orchestrator.build_request import (  # noqa: F401  (the build's API: callers import these from here too)
+    FULL_PRECISION_QUANT,
+    BuildInputError,
+    BuildRequest,
+    BuildResult,
 )
+from orchestrator.cache import BaseCache, BaseCacheKey, CacheCorruptError, CacheError, CacheForeignError
+from orchestrator.entry import (
+    CONFIG_FILE,
+    REST_FILE,
+    TOKENIZER_DIR,
+    base_shard_file,
+    factor_file,
+    factor_ranks,
+)
+from workers.entry_format import ALL_METHODS, FULL_PRECISION_METHOD, METHODS, is_factor
+from workers.matrix_worker import FULL_PRECISION_DTYPE, MatrixJob, MatrixResult, MatrixWorker
 from workers.model_source import ModelSource
 from workers.quant import packed_nbytes
-from workers.quant_plan import QuantPlan
+from workers.quant_plan import method_problem
 
 SHARD_BYTES = 1 << 30
-REST_FILE = "rest.safetensors"
-CONFIG_FILE = "config.json"  # the model's config, in the build folder
-TOKENIZER_DIR = "tokenizer"  # the model's tokenizer as JSON files: <build_id>/tokenizer/*.json
-
-
-# The key's quantization of the full-precision control: no quantizer kind, group size or scale dtype apply to it.
-FULL_PRECISION_QUANT = {"bits": FULL_PRECISION_BITS, "dtype": str(FULL_PRECISION_DTYPE).removeprefix("torch.")}
-
-
-class BuildInputError(ValueError):
-    """The request cannot be built as asked (raised before any work starts)."""
-
-
-@dataclass(frozen=True)
-class BuildRequest:
-    """One quantized base: a model, a quantization plan, the method, and the LoftQ rank and iterations.
-
-    `plan` None with method 'lora' is the full-precision control (bits 16): its entry holds the target weights in
-    bf16 (no codes, no factors, error 0), built through the same actors. `full_precision` makes one.
-    """
-
-    source: ModelSource
-    plan: QuantPlan | None
-    method: str = "loftq"
-    rank: int = 16
-    iters: int = 1
-    targets: tuple[str, ...] = ("all-linear",)
-    seed: int = 0
-
-    @classmethod
-    def full_precision(cls, source: ModelSource, *, rank: int = 16, targets: tuple[str, ...] = ("all-linear",),
-                       seed: int = 0) -> BuildRequest:
-        """The bf16 base of the full-precision control: plain LoRA trains over it."""
-        return cls(source, None, method=FULL_PRECISION_METHOD, rank=rank, iters=0, targets=targets, seed=seed)
-
-    @property
-    def is_full_precision(self) -> bool:
-        return self.plan is None
-
-    @property
-    def label(self) -> str:
-        """Readable quantization: 'nf2-g64' (QuantPlan.label), or 'bf16' for the full-precision control."""
-        return "bf16" if self.plan is None else self.plan.label
-
-    @property
-    def effective_iters(self) -> int:
-        """QLoRA is LoftQ with no alternation: its base is plain quantization whatever `iters` says (and the
-        full-precision control has no quantization to alternate with)."""
-        return 0 if self.method in ("qlora", FULL_PRECISION_METHOD) else self.iters
-
-    def key(self) -> BaseCacheKey:
-        quant = FULL_PRECISION_QUANT if self.plan is None else self.plan.to_dict()
-        return BaseCacheKey(model=self.source.name, fingerprint=self.source.fingerprint, quant=quant,
-                            quant_label=self.label, method=self.method, iters=self.effective_iters,
-                            rank=self.rank, targets=tuple(sorted(self.targets)))
-
-    @property
-    def stores_factors(self) -> bool:
-        return self.effective_iters > 0 and self.rank > 0
-
-
-@dataclass
-class BuildResult:
-    name: str
-    uri: str
-    built: bool  # False on a cache hit
-    seconds: float
-    manifest: dict = field(repr=False, default_factory=dict)
-    repaired: list[str] = field(default_factory=list)  # the problems that made the entry be rebuilt; [] otherwise
-
-
-def factor_file(rank: int) -> str:
-    return f"lora-r{rank}.safetensors"
 
 
 def connect(address: str | None = None, num_cpus: int | None = None) -> None:
@@ -135,7 +66,7 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> None:
 
 def plan_jobs(request: BuildRequest) -> tuple[list[MatrixJob], dict[str, tuple]]:
     """The per-matrix jobs, largest first; every problem with the request raised at once, before any work."""
-    if request.method not in (*METHODS, FULL_PRECISION_METHOD):
+    if request.method not in ALL_METHODS:
         raise BuildInputError(f"method: expected one of {list(METHODS)}, got {request.method!r}")
     if request.is_full_precision != (request.method == FULL_PRECISION_METHOD):
         raise BuildInputError(f"method: {FULL_PRECISION_METHOD!r} (the full-precision control) goes with no "
@@ -146,8 +77,8 @@ def plan_jobs(request: BuildRequest) -> tuple[list[MatrixJob], dict[str, tuple]]
         raise BuildInputError(f"targets: {list(request.targets)} match no linear layer of {request.source.name}")
     shapes = {m: request.source.tensors[m + ".weight"].shape for m in modules}
     problems = [] if request.plan is None else request.plan.problems(shapes)
-    if request.method == "qalora" and request.plan.base.kind != "int":
-        problems.append(f"quantization.kind: method 'qalora' needs kind 'int', got {request.plan.base.kind!r}")
+    method = None if request.plan is None else method_problem(request.method, request.plan.base.kind)
+    problems += [f"method: {method}"] if method else []
     if problems:
         raise BuildInputError("cannot build this base:\n  " + "\n  ".join(problems))
     jobs = [MatrixJob(m, None if request.plan is None else request.plan.spec_for(m), request.rank,
@@ -254,7 +185,7 @@ def describe_entry(request: BuildRequest, cache: BaseCache) -> str:
 
 
 def _has_factors(manifest: dict, request: BuildRequest) -> bool:
-    return not request.stores_factors or request.rank in manifest.get("factor_ranks", [])
+    return not request.stores_factors or request.rank in factor_ranks(manifest)
 
 
 def _start_actors(actors: int | None, threads: int, n_jobs: int) -> list:
@@ -327,7 +258,7 @@ def _build_entry(request, key, cache, jobs, shapes, pool, bar, on_progress, shar
             matrices[result.module] = _matrix_record(result, shapes, request)
             remaining[shard] -= 1
             if remaining[shard] == 0:
-                writer.add_file(f"base-{shard:05d}.safetensors", buffers.pop(shard))
+                writer.add_file(base_shard_file(shard), buffers.pop(shard))
         quantized = {m + ".weight" for m in shard_of}
         rest = {name: request.source.read(name) for name in request.source.tensors if name not in quantized}
         writer.add_file(REST_FILE, rest)
@@ -341,7 +272,7 @@ def _build_factors(request, manifest, cache, jobs, pool, bar, on_progress) -> di
     factors: dict[str, torch.Tensor] = {}
     for result in _run_jobs(request.source, jobs, pool, bar, on_progress):
         factors.update({k: v for k, v in result.tensors.items() if is_factor(k)})
-    update = {"factor_ranks": sorted({*manifest.get("factor_ranks", []), request.rank})}
+    update = {"factor_ranks": sorted({*factor_ranks(manifest), request.rank})}
     return cache.add_files(manifest["name"], {factor_file(request.rank): factors}, update)
 
 
@@ -379,50 +310,3 @@ def model_json_files(source: ModelSource) -> dict[str, bytes]:
     with open(os.path.join(source.path, "config.json"), "rb") as f:
         files = {CONFIG_FILE: f.read()}
     return files | {f"{TOKENIZER_DIR}/{name}": data for name, data in tokenizer.items()}
-
-
-def entry_tokenizer_files(cache: BaseCache, name: str) -> dict[str, bytes]:
-    """The tokenizer an entry carries, file name -> bytes (e.g. 'tokenizer.json'): written into one directory, they
-    load with transformers.AutoTokenizer.from_pretrained. Each is checked against the manifest (size, sha256;
-    CacheCorruptError if it differs). {} for an entry without one (a model with no tokenizer, an older entry)."""
-    manifest = cache.show(name)
-    prefix = f"{manifest['build_id']}/{TOKENIZER_DIR}/"
-    return {rel[len(prefix):]: cache.read_bytes(name, rel) for rel in sorted(manifest["files"])
-            if rel.startswith(prefix)}
-
-
-def load_entry_tensors(cache: BaseCache, name: str, rank: int | None = None,
-                       verify: bool = True) -> dict[str, torch.Tensor]:
-    """Every tensor of an entry a model needs: base shards, the rest, and the factors for `rank` if any.
-
-    With `verify` each file's sha256 is checked; without it only sizes are (trials read an entry many times,
-    and the driver checked the hashes once, through ensure_base(verify_hashes=True)). CacheCorruptError if a
-    file does not match its manifest."""
-    manifest = cache.show(name)
-    if not verify:
-        problems = cache.problems(name, hashes=False)
-        if problems:
-            raise CacheCorruptError(f"entry {name} is broken: {problems[0]}")
-    tensors: dict[str, torch.Tensor] = {}
-    wanted_factor = factor_file(rank) if rank else None
-    for file in manifest["files"]:
-        base = file.rsplit("/", 1)[-1]
-        if not base.endswith(".safetensors") or (base.startswith("lora-r") and base != wanted_factor):
-            continue
-        tensors.update(cache.read_file(name, file, verify=verify))
-    return tensors
-
-
-def error_table(manifest: dict) -> str:
-    """Per layer type (layer index folded to '*'): matrices, mean plain-quantization and final LoftQ error."""
-    groups: dict[str, list[dict]] = {}
-    for module, rec in manifest.get("matrices", {}).items():
-        groups.setdefault(re.sub(r"\.\d+\.", ".*.", module), []).append(rec)
-    width = max((len(k) for k in groups), default=10)
-    lines = [f"{'layer':<{width}} {'n':>3} {'quant':>9} {'qlora_err':>9} {'final_err':>9} {'ratio':>6}"]
-    for layer, recs in sorted(groups.items()):
-        q = statistics.fmean(r["quant_error"] for r in recs)
-        f = statistics.fmean(min(r["errors"]) if r["errors"] else r["quant_error"] for r in recs)
-        ratio = f"{f / q:6.3f}" if q else f"{'-':>6}"  # the bf16 control has no error to reduce
-        lines.append(f"{layer:<{width}} {len(recs):>3} {recs[0]['quant']:>9} {q:9.5f} {f:9.5f} {ratio}")
-    return "\n".join(lines)

@@ -15,10 +15,10 @@ import time
 from orchestrator.errors import SpecError
 from orchestrator.quiet import NoiseFilter, quiet_libraries
 
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
 EXIT_OK, EXIT_FAILURE, EXIT_INVALID = 0, 1, 2
+# set by every command, never by an import (setdefault: a user's own wins, e.g. RAY_AUTH_MODE=token for a
+# cluster's Job API); nothing downloads at run time
+PROCESS_ENV = {"RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
 
 
 class InvalidInputError(Exception):
@@ -33,22 +33,39 @@ def _emit(args: argparse.Namespace, payload: dict | list, text: str) -> None:
 # ---------------------------------------------------------------------------------------------- quantize
 
 
+QUANTIZE_FIELDS = ("kind", "bits", "group_size", "scale_dtype", "method", "rank", "iters", "targets")
+
+
+def _quantization(args: argparse.Namespace):
+    """The spec's `quantization:` section that the quantize flags give; a flag left out takes its default there."""
+    from dataclasses import replace
+
+    from orchestrator.spec import Mixed, Quantization
+
+    given = {name: getattr(args, name) for name in QUANTIZE_FIELDS if getattr(args, name) is not None}
+    if "targets" in given:
+        given["targets"] = given["targets"].split(",")
+    mixed = {name: value for name, value in (("first_layers", args.mixed_first_layers), ("bits", args.mixed_bits))
+             if value is not None}
+    return Quantization(**given, mixed=replace(Mixed(), **mixed) if mixed else None)
+
+
 def cmd_quantize(args: argparse.Namespace) -> int:
-    from orchestrator.build import BuildInputError, BuildRequest, ensure_base, error_table
+    from orchestrator.build import BuildInputError, BuildRequest, ensure_base
+    from orchestrator.entry import error_table
+    from orchestrator.plan import quant_plan
     from orchestrator.run import work_dir
     from workers.model_source import open_model
-    from workers.quant import QuantSpec
-    from workers.quant_plan import QuantPlan
 
     cache = _open_cache(args.cache)
+    q = _quantization(args)
     try:
-        spec = QuantSpec(args.quant, args.bits, args.group_size, args.scale_dtype)
-        plan = QuantPlan(spec, first_layers=args.first_layers, first_bits=args.first_bits)
+        plan = quant_plan(q, q.bits, q.group_size)  # QuantSpec and QuantPlan name an invalid field
         source = open_model(args.model, work_dir(cache))
     except (ValueError, FileNotFoundError) as exc:
         raise InvalidInputError(str(exc)) from exc
-    request = BuildRequest(source, plan, method=args.method, rank=args.rank, iters=args.iters,
-                           targets=tuple(args.targets.split(",")), seed=args.seed)
+    request = BuildRequest(source, plan, method=q.method, rank=q.rank, iters=q.iters, targets=tuple(q.targets),
+                           seed=args.seed)
     start = time.perf_counter()
     try:
         result = ensure_base(request, cache, actors=args.actors, threads_per_actor=args.threads,
@@ -103,7 +120,7 @@ def _cache_ls(cache, args) -> int:
 
 
 def _cache_show(cache, args) -> int:
-    from orchestrator.build import error_table
+    from orchestrator.entry import error_table
 
     manifest = cache.show(args.key)
     _emit(args, manifest, json.dumps({k: v for k, v in manifest.items() if k != "matrices"}, indent=1)
@@ -146,30 +163,18 @@ def _load(args: argparse.Namespace):
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from orchestrator.plan import cluster_problems, local_cluster, make_plan
-    from orchestrator.run import check_task_data, open_cache, work_dir
+    from orchestrator.run import prepare
 
     spec = _load(args)
-    plan = make_plan(spec, work_dir(open_cache(spec)))
-    check_task_data(spec, plan)
-    if args.address:
-        import ray
-
-        from orchestrator.build import connect
-
-        connect(args.address)
-        problems = cluster_problems(spec, ray.cluster_resources(), f"the Ray cluster at {args.address}")
-    else:
-        problems = cluster_problems(spec, local_cluster(spec), "this machine")
-    if problems:
-        raise SpecError(problems, args.spec)
+    plan = prepare(spec, args.address)
     payload = {"ok": True, "name": spec.name, "trials": len(plan.trials), "bases": len(plan.bases)}
     _emit(args, payload, f"ok: {args.spec}: {len(plan.trials)} trial(s) on {len(plan.bases)} base(s)")
     return EXIT_OK
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from orchestrator.run import default_run_dir, execute
+    from orchestrator.run import execute
+    from orchestrator.run_dir import default_run_dir
 
     spec = _load(args)
     run_dir = args.out or default_run_dir(spec)
@@ -192,14 +197,14 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _dry_run(args: argparse.Namespace, spec, run_dir: str) -> int:
-    from orchestrator.plan import local_cluster, make_plan, max_concurrent
-    from orchestrator.run import SPEC_FILE, base_status, check_run_dir, check_task_data, open_cache, work_dir
-    from orchestrator.trial_records import FINISHED, read_states
+    from orchestrator.plan import max_concurrent
+    from orchestrator.run import base_status, open_cache, prepare
+    from orchestrator.run_dir import FINISHED, SPEC_FILE, check_run_dir
+    from orchestrator.trial_records import read_states
 
     check_run_dir(run_dir)
+    plan = prepare(spec, args.address)
     cache = open_cache(spec)
-    plan = make_plan(spec, work_dir(cache))
-    plan.train_sizes = check_task_data(spec, plan)
     bases = base_status(plan, cache)
     resumes = os.path.exists(os.path.join(run_dir, SPEC_FILE))
     recorded = {s.trial["id"]: s.status for s in read_states(run_dir)} if resumes else {}
@@ -214,14 +219,15 @@ def _dry_run(args: argparse.Namespace, spec, run_dir: str) -> int:
     width = max((len(t["id"]) for t in trials), default=0)
     lines += [f"  {t['id']:<{width}}  {t['max_steps']:>6} steps  on {t['base']}  [{t['action']}]" for t in trials]
     if not args.address:
-        lines += ["", f"embedded Ray: {max_concurrent(spec, local_cluster(spec))} trial(s) at a time"]
+        lines += ["", f"embedded Ray: {max_concurrent(spec, plan.cluster)} trial(s) at a time"]
     _emit(args, payload, "\n".join(lines))
     return EXIT_OK
 
 
 def cmd_results(args: argparse.Namespace) -> int:
     from orchestrator.results import format_table
-    from orchestrator.run import collect_results, open_cache, read_run_spec
+    from orchestrator.run import collect_results, open_cache
+    from orchestrator.run_dir import read_run_spec
 
     spec = read_run_spec(args.run_dir)
     summary = collect_results(args.run_dir, spec, open_cache(spec), export=False)
@@ -245,7 +251,8 @@ def cmd_export(args: argparse.Namespace) -> int:
             written.append(write_export(base_source(_open_cache(args.cache), args.base, args.rank), args.out,
                                         args.format, gguf_type=args.gguf_type))
         else:
-            from orchestrator.run import open_cache, read_run_spec
+            from orchestrator.run import open_cache
+            from orchestrator.run_dir import read_run_spec
 
             spec = read_run_spec(args.run_dir)
             cache = _open_cache(args.cache) if args.cache else open_cache(spec)
@@ -332,18 +339,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="loftune", description="Fine-tune low-bit LLMs on Ray (LoftQ, QA-LoRA).")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    q = sub.add_parser("quantize", help="build (or find) a quantized base in the cache")
+    q = sub.add_parser("quantize", help="build (or find) a quantized base in the cache",
+                       description="Each flag is the field of a job spec's quantization section of the same name, "
+                                   "and a flag left out takes that field's default.")
     q.add_argument("--model", required=True, help="model directory, 'minilm-l6', 'tiny-llama' or 'tiny-bert'")
-    q.add_argument("--quant", choices=["nf", "int"], required=True)
-    q.add_argument("--bits", type=int, required=True)
-    q.add_argument("--group-size", type=int, default=64)
-    q.add_argument("--scale-dtype", default="float16", choices=["float16", "bfloat16", "float32"])
-    q.add_argument("--method", default="loftq", choices=["loftq", "qlora", "qalora"])
-    q.add_argument("--rank", type=int, default=16)
-    q.add_argument("--iters", type=int, default=1)
-    q.add_argument("--targets", default="all-linear", help="comma-separated module patterns, or all-linear")
-    q.add_argument("--first-layers", type=int, default=0, help="mixed precision: this many first blocks ...")
-    q.add_argument("--first-bits", type=int, default=None, help="... at these bits (the rest at --bits)")
+    q.add_argument("--kind", "--quant", choices=["nf", "int"], help="the quantizer")
+    q.add_argument("--bits", type=int)
+    q.add_argument("--group-size", type=int)
+    q.add_argument("--scale-dtype", choices=["float16", "bfloat16", "float32"])
+    q.add_argument("--method", choices=["loftq", "qlora", "qalora"])
+    q.add_argument("--rank", type=int)
+    q.add_argument("--iters", type=int)
+    q.add_argument("--targets", help="comma-separated module patterns, or all-linear")
+    q.add_argument("--mixed-first-layers", "--first-layers", type=int, help="mixed precision: this many first "
+                                                                             "blocks ...")
+    q.add_argument("--mixed-bits", "--first-bits", type=int, help="... at these bits (the rest at --bits)")
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--actors", type=int, default=None, help="build actors (default: one per GPU, else per CPU)")
     q.add_argument("--threads", type=int, default=1, help="torch threads (and CPUs) per CPU actor")
@@ -427,11 +437,19 @@ def _common(p: argparse.ArgumentParser, cache: bool = True) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
+def setup_process() -> None:
+    """The process-wide settings of a loftune command, made before it imports Ray or Hugging Face libraries:
+    PROCESS_ENV, and library noise off (orchestrator/quiet.py). Ray workers inherit the environment."""
+    for key, value in PROCESS_ENV.items():
+        os.environ.setdefault(key, value)
+    quiet_libraries()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # libraries log to stdout (DeepSpeed, Ray): keep stdout for the result alone, so --json output parses
     args.stdout = sys.stdout
-    quiet_libraries()
+    setup_process()
     try:
         with contextlib.redirect_stderr(NoiseFilter(sys.stderr)) as terminal, contextlib.redirect_stdout(terminal):
             return args.func(args)

@@ -21,13 +21,15 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from orchestrator.build import entry_tokenizer_files, load_entry_tensors
 from orchestrator.cache import BaseCache
+from orchestrator.entry import factor_ranks, read_model_inputs
 from orchestrator.results import TrialRecord, best_records, read_trials
 from orchestrator.spec import JobSpec, metric_for
 from workers.checkpoint import STATE_FILE, TRAINABLE_FILE
+from workers.entry_format import is_factor
 from workers.export import PROVENANCE_FILE, export_peft_adapter, merged_fp_model, quant_layers, write_provenance
-from workers.model_source import HEAD_NAMES, write_tokenizer_files
+from workers.model_files import write_tokenizer_files
+from workers.model_source import HEAD_NAMES
 from workers.train_loop import build_model
 from workers.train_settings import AdapterSettings
 
@@ -87,11 +89,10 @@ def trial_source(spec: JobSpec, record: TrialRecord, cache: BaseCache) -> Export
     """The trial's model: its cache entry, with the adapters and head of its checkpoint loaded."""
     trial = record.trial
     task = next(t for t in spec.tasks if t.name == trial.task)
-    manifest = cache.show(trial.base)
     adapter = trial.adapter_settings(spec.adapter)
-    tensors = load_entry_tensors(cache, trial.base, rank=trial.rank if adapter.init == "loftq" else None)
+    inputs = read_model_inputs(cache, trial.base, rank=trial.rank, init=adapter.init)
     saved = load_file(os.path.join(record.checkpoint, TRAINABLE_FILE))
-    model = build_model(manifest["model"]["config"], tensors, adapter, _adapter_kind(manifest),
+    model = build_model(inputs.model_config, inputs.tensors, adapter, inputs.adapter_kind,
                         _num_labels(record.checkpoint, saved, task.type))
     missing = set(saved) - set(model.state_dict())
     if missing:
@@ -101,9 +102,9 @@ def trial_source(spec: JobSpec, record: TrialRecord, cache: BaseCache) -> Export
     provenance = {"base": trial.base, "run": spec.name, "task": task.name, "trial": trial.to_dict(),
                   "metric": metric, "value": record.final.get(metric), "step": record.step,
                   "checkpoint": record.checkpoint}
-    heads = sorted({name.rsplit(".", 1)[0] for name in saved if not name.endswith(("lora_A", "lora_B"))})
-    return ExportSource(model.eval(), manifest["model"]["config"], entry_tokenizer_files(cache, trial.base),
-                        PEFT_TASK_TYPES[task.type], provenance, heads)
+    heads = sorted({name.rsplit(".", 1)[0] for name in saved if not is_factor(name)})
+    return ExportSource(model.eval(), inputs.model_config, inputs.tokenizer_files, PEFT_TASK_TYPES[task.type],
+                        provenance, heads)
 
 
 def base_source(cache: BaseCache, key: str, rank: int | None = None) -> ExportSource:
@@ -114,22 +115,18 @@ def base_source(cache: BaseCache, key: str, rank: int | None = None) -> ExportSo
     if not any(a.endswith("ForCausalLM") for a in config.get("architectures") or []):
         raise ExportError(f"--base {key}: exporting a base needs a causal LM; this entry's model is "
                           f"{config.get('architectures')} (export a trial of a run instead)")
-    ranks = manifest.get("factor_ranks") or []
+    ranks = factor_ranks(manifest)
     if rank is None and len(ranks) > 1:
         raise ExportError(f"--rank: entry {key} holds LoftQ factors for ranks {ranks}; pick one")
     rank = rank if rank is not None else (ranks[0] if ranks else 0)
     if rank and rank not in ranks:
         raise ExportError(f"--rank: entry {key} has no factors for rank {rank} (it has {ranks or 'none'})")
     init = "loftq" if rank else "qlora"
-    tensors = load_entry_tensors(cache, key, rank=rank or None)
+    inputs = read_model_inputs(cache, key, rank=rank, init=init)
     adapter = AdapterSettings(rank=rank, alpha=2 * rank if rank else 16, init=init)
-    model = build_model(config, tensors, adapter, _adapter_kind(manifest), None)
+    model = build_model(config, inputs.tensors, adapter, inputs.adapter_kind, None)
     provenance = {"base": key, "rank": rank, "init": init}
-    return ExportSource(model.eval(), config, entry_tokenizer_files(cache, key), "CAUSAL_LM", provenance)
-
-
-def _adapter_kind(manifest: dict) -> str:
-    return "qalora" if manifest.get("method") == "qalora" else "lora"
+    return ExportSource(model.eval(), config, inputs.tokenizer_files, "CAUSAL_LM", provenance)
 
 
 def _num_labels(checkpoint: str, saved: dict, task_type: str) -> int | None:

@@ -15,8 +15,8 @@ import ray
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
-from orchestrator.build import entry_tokenizer_files, load_entry_tensors
 from orchestrator.cache import BaseCache
+from orchestrator.entry import read_model_inputs
 from workers.shared_tensors import to_shared
 from workers.train_loop import JobConfig, train_func
 
@@ -57,11 +57,9 @@ def job_config(cache: BaseCache, entry: str, *, adapter, training, task, tokeniz
     """Read the entry once, put it in the object store, and describe the job for the workers.
 
     `resume_from`: a checkpoint folder to continue from (a fresh Train run has none of its own)."""
-    manifest = cache.show(entry)
-    rank = adapter.rank if adapter.init == "loftq" else None
-    tensors = load_entry_tensors(cache, entry, rank=rank, verify=False)  # the driver verified hashes once per run
-    kind = "qalora" if manifest.get("method") == "qalora" else "lora"
-    return JobConfig(model_config=manifest["model"]["config"], base_ref=ray.put(to_shared(tensors)), adapter_kind=kind,
-                     adapter=adapter, training=training, task=task,
-                     tokenizer_dir=tokenizer_dir or manifest["model"]["path"], threads_per_worker=threads_per_worker,
-                     resume_from=resume_from, tokenizer_files=entry_tokenizer_files(cache, entry) or None)
+    # the driver verified the entry's hashes once per run: sizes are enough here
+    inputs = read_model_inputs(cache, entry, rank=adapter.rank, init=adapter.init, verify=False)
+    return JobConfig(model_config=inputs.model_config, base_ref=ray.put(to_shared(inputs.tensors)),
+                     adapter_kind=inputs.adapter_kind, adapter=adapter, training=training, task=task,
+                     tokenizer_dir=tokenizer_dir or inputs.model_path, threads_per_worker=threads_per_worker,
+                     resume_from=resume_from, tokenizer_files=inputs.tokenizer_files or None)

@@ -22,12 +22,13 @@ import random
 import re
 from dataclasses import asdict, dataclass, field, replace
 
-from orchestrator.build import BuildRequest
-from orchestrator.spec import JobSpec, Quantization, SpecError
-from workers.matrix_worker import FULL_PRECISION_BITS, FULL_PRECISION_METHOD
+from orchestrator.build_request import BuildRequest
+from orchestrator.errors import Problem
+from orchestrator.spec import Adapter, JobSpec, Quantization, SpecError
+from workers.entry_format import FULL_PRECISION_BITS, FULL_PRECISION_METHOD
 from workers.model_source import ModelSource, open_model
 from workers.quant import QuantSpec
-from workers.quant_plan import Override, QuantPlan
+from workers.quant_plan import Override, QuantPlan, max_rank
 from workers.train_settings import AdapterSettings, TrainSettings, with_epoch_steps
 
 # Ray Tune runs each trial's driver in an actor of its own. It only waits on its Ray Train workers, so it asks
@@ -55,14 +56,15 @@ class Trial:
         return asdict(self)
 
     def training_settings(self, base: TrainSettings) -> TrainSettings:
-        """The spec's training settings with this trial's learning rate, seed and swept fields."""
-        return replace(base, lr=self.lr, seed=self.seed, **self.training)
+        """The spec's training settings with this trial's learning rate, seed and swept fields, and the length of
+        training resolved as far as it can be without the data (`with_epoch_steps`)."""
+        return with_epoch_steps(replace(base, lr=self.lr, seed=self.seed, **self.training))
 
-    def adapter_settings(self, base: AdapterSettings) -> AdapterSettings:
+    def adapter_settings(self, base: Adapter) -> AdapterSettings:
         """The spec's adapter settings at this trial's rank; the full-precision control starts as plain LoRA (A
         random, B = 0: init 'qlora'), since its base stores no LoftQ factors."""
         init = "qlora" if self.bits == FULL_PRECISION_BITS or self.method == "qlora" else base.init
-        return replace(base, rank=self.rank, init=init)
+        return base.at_rank(self.rank, init)
 
     @classmethod
     def from_dict(cls, data: dict) -> Trial:
@@ -76,6 +78,7 @@ class Plan:
     trials: list[Trial]
     builds: list[BuildRequest]  # one per distinct (entry, LoftQ factor rank), in the order trials need them
     train_sizes: dict[str, int] = field(default_factory=dict)  # task -> training examples, once data is checked
+    cluster: dict[str, float] = field(default_factory=dict)  # the resources trials run on, once checked to fit one
 
     @property
     def bases(self) -> list[str]:
@@ -89,8 +92,7 @@ class Plan:
         """The trial's training settings, with max_steps derived from `epochs` once the task's size is known
         (the same derivation each Train worker makes from the data it loads)."""
         settings = trial.training_settings(self.spec.training)
-        size = self.train_sizes.get(trial.task)
-        return settings if size is None else with_epoch_steps(settings, size, self.spec.resources.workers_per_trial)
+        return with_epoch_steps(settings, self.train_sizes.get(trial.task), self.spec.resources.workers_per_trial)
 
 
 # ---------------------------------------------------------------------------------------------- the sweep
@@ -194,13 +196,14 @@ def make_plan(spec: JobSpec, work_dir: str) -> Plan:
         source = open_model(spec.model, work_dir)
         targets = source.select_targets(spec.quantization.targets)
     except (FileNotFoundError, ValueError) as exc:
-        raise SpecError([str(exc) if str(exc).startswith("model") else f"model: {exc}"]) from None
+        raise SpecError([str(exc) if str(exc).startswith("model") else Problem("model", str(exc))]) from None
     if not targets:
-        raise SpecError([f"quantization.targets: {spec.quantization.targets} match no linear layer of {source.name}"])
+        raise SpecError([Problem("quantization.targets",
+                                 f"{spec.quantization.targets} match no linear layer of {source.name}")])
     shapes = {m: tuple(source.tensors[m + ".weight"].shape) for m in targets}
     q = spec.quantization
     points = sweep_points(spec)
-    problems: list[str] = []
+    problems: list[Problem] = []
     for point in points:
         problems += _point_problems(q, point, shapes)
     if problems:
@@ -223,23 +226,23 @@ def make_plan(spec: JobSpec, work_dir: str) -> Plan:
     return Plan(spec, source, trials, list(builds.values()))
 
 
-def _point_problems(q: Quantization, point: dict, shapes: dict[str, tuple]) -> list[str]:
+def _point_problems(q: Quantization, point: dict, shapes: dict[str, tuple]) -> list[Problem]:
     """Group sizes that do not divide a layer, ranks a layer cannot hold: each named by the field it came from."""
     where = point["where"]
     out = []
     qp = None if point["bits"] == FULL_PRECISION_BITS else quant_plan(q, point["bits"], point["group_size"])
     for problem in qp.problems(shapes) if qp else []:
         field = where.get("group_size", "quantization.group_size")
-        out.append(f"{field}: {problem}")
+        out.append(Problem(field, problem))
     if out:
         return out[:3]  # the first few layers say it; every other layer of the model would repeat it
     rank_field = where.get("rank", "quantization.rank")
     pooled = point["method"] == "qalora" and qp is not None  # QA-LoRA's A has in / group_size columns
-    for module, (rows, cols) in shapes.items():
-        columns = cols // qp.spec_for(module).group_size if pooled else cols
-        if point["rank"] > min(rows, columns):
-            what = f"in_features / group_size = {columns}" if pooled else f"shape {(rows, cols)}"
-            out.append(f"{rank_field}: rank {point['rank']} exceeds what {module} can hold ({what})")
+    for module, shape in shapes.items():
+        group_size = qp.spec_for(module).group_size if qp else None
+        if point["rank"] > max_rank(shape, group_size, pooled):
+            what = f"in_features / group_size = {shape[1] // group_size}" if pooled else f"shape {shape}"
+            out.append(Problem(rank_field, f"rank {point['rank']} exceeds what {module} can hold ({what})"))
             break
     return out
 
@@ -247,7 +250,7 @@ def _point_problems(q: Quantization, point: dict, shapes: dict[str, tuple]) -> l
 def _check_unique(ids: list[str]) -> None:
     seen = {i for i in ids if ids.count(i) > 1}
     if seen:  # only two identical sweep values can do this (e.g. sweep.rank: [8, 8])
-        raise SpecError([f"sweep: trials {sorted(seen)} appear twice; remove the repeated sweep values"])
+        raise SpecError([Problem("sweep", f"trials {sorted(seen)} appear twice; remove the repeated sweep values")])
 
 
 # ---------------------------------------------------------------------------------------------- resources
@@ -260,17 +263,17 @@ def trial_footprint(spec: JobSpec) -> dict[str, float]:
             "GPU": r.workers_per_trial * r.gpus_per_worker}
 
 
-def cluster_problems(spec: JobSpec, cluster: dict[str, float], where: str) -> list[str]:
+def cluster_problems(spec: JobSpec, cluster: dict[str, float], where: str) -> list[Problem]:
     """A trial that cannot fit the cluster at all, named by the resources field (checked before any work)."""
     r, need = spec.resources, trial_footprint(spec)
     out = []
     if need["CPU"] > cluster.get("CPU", 0):
-        out.append(f"resources.workers_per_trial: {r.workers_per_trial} workers x {r.cpus_per_worker} CPUs + "
-                   f"{TRIAL_DRIVER_CPUS} for the trial driver = {need['CPU']:g} CPUs, but {where} has "
-                   f"{cluster.get('CPU', 0):g}")
+        out.append(Problem("resources.workers_per_trial", f"{r.workers_per_trial} workers x {r.cpus_per_worker} CPUs "
+                           f"+ {TRIAL_DRIVER_CPUS} for the trial driver = {need['CPU']:g} CPUs, but {where} has "
+                           f"{cluster.get('CPU', 0):g}"))
     if need["GPU"] > cluster.get("GPU", 0):
-        out.append(f"resources.gpus_per_worker: {r.workers_per_trial} workers x {r.gpus_per_worker} GPUs = "
-                   f"{need['GPU']:g} GPUs, but {where} has {cluster.get('GPU', 0):g}")
+        out.append(Problem("resources.gpus_per_worker", f"{r.workers_per_trial} workers x {r.gpus_per_worker} GPUs = "
+                           f"{need['GPU']:g} GPUs, but {where} has {cluster.get('GPU', 0):g}"))
     return out
 
 

@@ -18,10 +18,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from orchestrator.results import TrialRecord  # noqa: E402
+from orchestrator.run_dir import PLOTS_DIR  # noqa: E402
 from orchestrator.spec import JobSpec, metric_for  # noqa: E402
-from workers.matrix_worker import FULL_PRECISION_BITS  # noqa: E402
-
-PLOTS_DIR = "plots"
+from workers.entry_format import FULL_PRECISION_BITS  # noqa: E402
 
 
 def write_plots(run_dir: str, spec: JobSpec, records: list[TrialRecord], manifests: dict[str, dict]) -> list[str]:

@@ -1,12 +1,9 @@
-"""A run's results, read back from its directory alone: trial records, the leaderboard, results.json.
-
-    <run_dir>/spec.yaml                        the resolved spec the run was started with
-    <run_dir>/trials/<trial>/                  loftune's record of each trial (orchestrator/trial_records.py)
-    <run_dir>/train/<trial>/<attempt>/checkpoint_*   the trial's Ray Train checkpoints (adapters and head)
-    <run_dir>/leaderboard.csv, results.json    written here; plots/ and best/ by plots.py and best.py
+"""A run's results, read back from its directory alone (orchestrator/run_dir.py): the trial records, the
+leaderboard, results.json.
 
 Only loftune's JSON records are read (never Tune's files, which hold pickles), so `loftune results` works
-without Ray, on a finished, running or interrupted run.
+without Ray Tune, on a finished, running or interrupted run. Importing it sets nothing in the process (no
+environment variables, no logger levels): that is the command line's setup, in `cli.main`.
 """
 
 from __future__ import annotations
@@ -17,13 +14,10 @@ import os
 from dataclasses import dataclass, field
 
 from orchestrator.plan import Trial
+from orchestrator.run_dir import INCOMPLETE, LEADERBOARD_FILE, RESULTS_FILE, RUNNING
 from orchestrator.spec import JobSpec, metric_for
 from orchestrator.trial_records import read_states
-from workers.matrix_worker import FULL_PRECISION_BITS, FULL_PRECISION_METHOD
-
-LEADERBOARD = "leaderboard.csv"
-RESULTS_JSON = "results.json"
-UNFINISHED = ("incomplete", "pending")  # saved while the sweep was still going: it was interrupted
+from workers.entry_format import FULL_PRECISION_BITS, FULL_PRECISION_METHOD
 
 
 @dataclass
@@ -31,7 +25,7 @@ class TrialRecord:
     """One trial as the run directory tells it."""
 
     trial: Trial
-    status: str  # done | stopped early | failed | incomplete
+    status: str  # done | stopped early | failed | incomplete (recorded as running: interrupted)
     max_steps: int
     history: list[dict] = field(default_factory=list)  # every report, in order (across resumed sessions)
 
@@ -76,7 +70,7 @@ def read_trials(run_dir: str, spec: JobSpec) -> list[TrialRecord]:
         # trials report their max_steps (derived from `epochs` where given); the spec's before the first report
         reported = [h["max_steps"] for h in state.reports if "max_steps" in h]
         max_steps = reported[-1] if reported else trial.training_settings(spec.training).max_steps
-        status = "incomplete" if state.status == "running" else state.status
+        status = INCOMPLETE if state.status == RUNNING else state.status
         records.append(TrialRecord(trial, status, max_steps, state.reports))
     return records
 
@@ -134,17 +128,17 @@ def best_records(records: list[TrialRecord], spec: JobSpec) -> dict[str, TrialRe
 def write_leaderboard(run_dir: str, rows: list[dict]) -> str:
     """leaderboard.csv (every column any row has) and results.json; returns the CSV's path."""
     columns = list(dict.fromkeys(k for row in rows for k in row))
-    path = os.path.join(run_dir, LEADERBOARD)
+    path = os.path.join(run_dir, LEADERBOARD_FILE)
     tmp = path + ".tmp"
     with open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
         writer.writerows(rows)
     os.replace(tmp, path)
-    tmp = os.path.join(run_dir, RESULTS_JSON + ".tmp")
+    tmp = os.path.join(run_dir, RESULTS_FILE + ".tmp")
     with open(tmp, "w") as f:
         json.dump({"leaderboard": rows}, f, indent=1)
-    os.replace(tmp, os.path.join(run_dir, RESULTS_JSON))
+    os.replace(tmp, os.path.join(run_dir, RESULTS_FILE))
     return path
 
 

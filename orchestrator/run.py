@@ -13,18 +13,15 @@ import os
 import sys
 from dataclasses import dataclass, field
 
-import yaml
-
 from orchestrator.best import export_best
-from orchestrator.build import describe_entry, ensure_base
+from orchestrator.build import connect, describe_entry, ensure_base
 from orchestrator.cache import BaseCache, CacheError
 from orchestrator.plan import Plan, cluster_problems, local_cluster, make_plan, max_concurrent, sweep_points
 from orchestrator.plots import write_plots
-from orchestrator.results import UNFINISHED, best_records, leaderboard, read_trials, write_leaderboard
-from orchestrator.spec import JobSpec, SpecError, build_spec, read_spec_file, spec_to_dict
+from orchestrator.results import best_records, leaderboard, read_trials, write_leaderboard
+from orchestrator.run_dir import FAILED, UNFINISHED, check_run_dir, claim_run_dir
+from orchestrator.spec import JobSpec, SpecError
 from orchestrator.sweep import run_task
-
-SPEC_FILE = "spec.yaml"
 
 
 @dataclass
@@ -45,7 +42,7 @@ class RunSummary:
 
     @property
     def failed(self) -> list[str]:
-        return [r["trial"] for r in self.rows if r["status"] == "failed" or r["status"] in UNFINISHED]
+        return [r["trial"] for r in self.rows if r["status"] == FAILED or r["status"] in UNFINISHED]
 
     def to_dict(self) -> dict:
         return {"run_dir": self.run_dir, "resumed": self.resumed, "built": self.built, "factors": self.factors,
@@ -54,74 +51,9 @@ class RunSummary:
                 "plots": self.plots, "leaderboard": self.rows}
 
 
-def default_run_dir(spec: JobSpec) -> str:
-    """`$LOFTUNE_RUNS/<name>`, else `runs/<name>`: no timestamp, so running a spec again resumes it."""
-    return os.path.join(os.environ.get("LOFTUNE_RUNS", "runs"), spec.name)
-
-
 def work_dir(cache: BaseCache) -> str:
     """Where built-in tiny models are materialized: beside a local cache, else in ~/.cache/loftune."""
     return cache.root if cache.is_local else os.path.expanduser("~/.cache/loftune")
-
-
-def claim_run_dir(run_dir: str, spec: JobSpec) -> bool:
-    """Write the resolved spec into the run directory; True if the directory already holds this same spec.
-
-    A directory holding a different spec is refused (SpecError naming the fields that differ): resuming
-    with other settings would mix two experiments in one leaderboard. The earlier spec is resolved again
-    first, so a field that a newer loftune added (with its default) does not count as a difference.
-    """
-    resolved = spec_to_dict(spec)
-    path = os.path.join(run_dir, SPEC_FILE)
-    if os.path.exists(path):
-        try:
-            earlier = spec_to_dict(read_run_spec(run_dir))
-        except SpecError as exc:
-            raise SpecError([f"{run_dir} holds a spec this loftune cannot read ({'; '.join(exc.problems)}); "
-                             f"choose another --out"], "run directory") from None
-        if earlier == resolved:
-            return True
-        differ = _differences(earlier, resolved)
-        raise SpecError([f"{run_dir} holds a run of a different spec (differs in {', '.join(differ[:8])}); "
-                         f"run it with the same spec to resume, or choose another --out"], "run directory")
-    os.makedirs(run_dir, exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-        yaml.safe_dump(resolved, f, sort_keys=False)
-    os.replace(path + ".tmp", path)
-    return False
-
-
-def check_run_dir(run_dir: str) -> None:
-    """A run directory is new, empty, or one loftune made (it holds spec.yaml): loftune writes and deletes
-    inside it (`best/<task>` is replaced on every run), so a folder of the user's must never become one."""
-    if os.path.lexists(run_dir) and not os.path.isdir(run_dir):
-        raise SpecError([f"--out: {run_dir} exists and is not a directory"], "run directory")
-    if os.path.isdir(run_dir) and os.listdir(run_dir) and not os.path.isfile(os.path.join(run_dir, SPEC_FILE)):
-        raise SpecError([f"--out: {run_dir} is not empty and is not a loftune run directory (no {SPEC_FILE}); "
-                         f"choose a new or empty directory"], "run directory")
-
-
-def _differences(a, b, path: str = "") -> list[str]:
-    """Dotted paths where two spec dicts differ, e.g. ['training.lr', 'tasks[0].max_length']."""
-    if isinstance(a, dict) and isinstance(b, dict):
-        return [d for key in sorted(set(a) | set(b))
-                for d in _differences(a.get(key), b.get(key), f"{path}.{key}" if path else str(key))]
-    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
-        return [d for i, (x, y) in enumerate(zip(a, b, strict=True)) for d in _differences(x, y, f"{path}[{i}]")]
-    return [] if a == b else [path or "(all)"]
-
-
-def read_run_spec(run_dir: str) -> JobSpec:
-    """The resolved spec a run directory was started with."""
-    path = os.path.join(run_dir, SPEC_FILE)
-    if not os.path.exists(path):
-        raise SpecError([f"{run_dir} is not a loftune run directory (no {SPEC_FILE})"], "results")
-    data = read_spec_file(path, path)
-    problems: list[str] = []
-    spec = build_spec(data, problems)
-    if problems:
-        raise SpecError(problems, path)
-    return spec
 
 
 def check_task_data(spec: JobSpec, plan: Plan) -> dict[str, int]:
@@ -148,14 +80,12 @@ def check_task_data(spec: JobSpec, plan: Plan) -> dict[str, int]:
     return sizes
 
 
-def connect_cluster(spec: JobSpec, address: str | None) -> dict[str, float]:
-    """Join the cluster at `address` or start the embedded Ray; returns its resources after checking that one
-    trial fits (SpecError otherwise, before any work)."""
-    import ray
-
-    from orchestrator.build import connect
-
+def check_cluster(spec: JobSpec, address: str | None) -> dict[str, float]:
+    """The resources trials will run on, checked to fit one trial (SpecError otherwise, before any work): the
+    Ray cluster's at `address` (joined), else this machine's (the embedded Ray is not started here)."""
     if address:
+        import ray
+
         connect(address)
         cluster, where = ray.cluster_resources(), f"the Ray cluster at {address}"
     else:
@@ -163,9 +93,17 @@ def connect_cluster(spec: JobSpec, address: str | None) -> dict[str, float]:
     problems = cluster_problems(spec, cluster, where)
     if problems:
         raise SpecError(problems)
-    if not address:
-        connect(None, num_cpus=math.ceil(cluster["CPU"]))
     return cluster
+
+
+def prepare(spec: JobSpec, address: str | None) -> Plan:
+    """What `validate`, `run --dry-run` and `run` check and work out before any work: the plan (trials and their
+    bases, checked against the model), every task's data loaded once (its size: what `epochs` count in) and the
+    cluster checked to fit a trial (`check_cluster`). Every problem is a SpecError."""
+    plan = make_plan(spec, work_dir(open_cache(spec)))
+    plan.train_sizes = check_task_data(spec, plan)
+    plan.cluster = check_cluster(spec, address)
+    return plan
 
 
 def build_bases(plan: Plan, cache: BaseCache, address: str | None, summary: RunSummary) -> None:
@@ -238,14 +176,14 @@ def collect_results(run_dir: str, spec: JobSpec, cache: BaseCache | None, export
 def execute(spec: JobSpec, run_dir: str, address: str | None = None) -> RunSummary:
     """Run (or resume) the whole job; returns what it did and the leaderboard."""
     check_run_dir(run_dir)  # before any work: a folder of the user's never becomes a run directory
+    plan = prepare(spec, address)
     cache = open_cache(spec)
-    plan = make_plan(spec, work_dir(cache))
-    plan.train_sizes = check_task_data(spec, plan)
-    cluster = connect_cluster(spec, address)
+    if not address:  # the embedded Ray, with the slivers of CPU the trials' drivers ask for
+        connect(None, num_cpus=math.ceil(plan.cluster["CPU"]))
     resumed = claim_run_dir(run_dir, spec)
     summary = RunSummary(run_dir=run_dir, resumed=resumed)
     build_bases(plan, cache, address, summary)
-    concurrency = max_concurrent(spec, cluster)
+    concurrency = max_concurrent(spec, plan.cluster)
     for task in spec.tasks:
         summary.resumed |= run_task(plan, task, run_dir, cache.uri, concurrency)
         if any(r.status in UNFINISHED for r in read_trials(run_dir, spec) if r.trial.task == task.name):

@@ -24,8 +24,12 @@ import shlex
 import shutil
 import sys
 import tempfile
+from typing import TYPE_CHECKING
 
 import yaml
+
+if TYPE_CHECKING:
+    from orchestrator.errors import Problem
 
 PROJECT_PACKAGES = ("orchestrator", "workers")
 SPEC_NAME = "job.yaml"
@@ -33,23 +37,40 @@ FORWARDED_ENV = ("LOFTUNE_CACHE", "LOFTUNE_RUNS", "LOFTUNE_S3_ENDPOINT")  # wher
 PATH_ENV = ("LOFTUNE_CACHE", "LOFTUNE_RUNS")  # forwarded values that are local paths (made absolute)
 
 
+DATA_FILE_FIELDS = ("train_file", "eval_file")  # a task's data files: they may live on the cluster's volume alone
+
+
 def _absolute(path: str) -> str:
     """A local path made absolute here; `~` and URI values as they are (`~` is the cluster's home there)."""
-    from orchestrator.spec import absolute_path
+    from orchestrator.typed_yaml import absolute_path
 
     return absolute_path(path, expand_home=False)
 
 
 def job_spec_data(spec_path: str, overrides: list[str]) -> dict:
     """The spec with its overrides applied and every local path made absolute (see the module docstring)."""
-    from orchestrator.spec import SpecError, absolute_local_paths, apply_overrides, read_spec_file
+    from orchestrator.errors import SpecError
+    from orchestrator.spec import absolute_local_paths, raw_spec
 
-    data = read_spec_file(spec_path, spec_path)
-    problems: list[str] = []
-    apply_overrides(data, overrides, problems)
+    data, problems = raw_spec(spec_path, overrides)
     if problems:
         raise SpecError(problems, spec_path)
     return absolute_local_paths(data, expand_home=False)
+
+
+def missing_data_files(records: tuple[Problem, ...], data: dict) -> list[Problem]:
+    """The problems (`orchestrator.errors.Problem`) about a task's data file that is not on this machine: the
+    file named at that path of the spec `data` is no file here (it may be on the cluster's shared volume)."""
+    from orchestrator.typed_yaml import path_parts, value_at
+
+    def missing(problem: Problem) -> bool:
+        parts = path_parts(problem.path)
+        if len(parts) != 3 or parts[0] != "tasks" or parts[2] not in DATA_FILE_FIELDS:
+            return False
+        file = value_at(data, problem.path)
+        return isinstance(file, str) and not os.path.isfile(os.path.expanduser(file))
+
+    return [problem for problem in records if missing(problem)]
 
 
 def job_spec_text(spec_path: str, overrides: list[str] | None = None) -> str:
@@ -61,17 +82,18 @@ def validate_for_cluster(spec_path: str, overrides: list[str]) -> str:
     shared volume, and the job checks them again there before any work (each is printed as a warning).
     Returns the job's name."""
     from orchestrator.errors import SpecError
-    from orchestrator.spec import load_spec
+    from orchestrator.spec import load_spec, raw_spec
 
     try:
         return load_spec(spec_path, overrides).name
     except SpecError as exc:
-        elsewhere = [p for p in exc.problems if ": no such file " in p]
-        if len(elsewhere) < len(exc.problems):
-            raise SpecError([p for p in exc.problems if p not in elsewhere], exc.source) from None
+        data, _ = raw_spec(spec_path, overrides)  # the overrides' problems are among exc's
+        elsewhere = missing_data_files(exc.records, data)
+        if len(elsewhere) < len(exc.records):
+            raise SpecError([p for p in exc.records if p not in elsewhere], exc.source) from None
         for problem in elsewhere:
             print(f"warning: {problem} on this machine; the cluster must have it", file=sys.stderr)
-        return job_spec_data(spec_path, overrides)["name"]
+        return data["name"]
 
 
 def _in_double_quotes(text: str) -> str:

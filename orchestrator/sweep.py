@@ -20,7 +20,6 @@ kept as they ended, not fed back into its rungs).
 
 from __future__ import annotations
 
-import logging
 import os
 import shutil
 import tempfile
@@ -32,18 +31,19 @@ from ray import tune
 
 from orchestrator.plan import TRIAL_DRIVER_CPUS, Plan, Trial
 from orchestrator.progress import TrialProgress
-from orchestrator.spec import metric_for
-from orchestrator.trial_records import FINISHED, TRAIN_DIR, append_report, latest_checkpoint, read_states, write_status
+from orchestrator.run_dir import DONE, FAILED, FINISHED, RUNNING, STOPPED_EARLY, train_dir
+from orchestrator.spec import Adapter, metric_for
+from orchestrator.trial_records import append_report, latest_checkpoint, read_states, write_status
 from workers.tasks import TaskSpec
-from workers.train_settings import AdapterSettings, TrainSettings
+from workers.train_settings import TrainSettings
 
 TRIAL_RETRIES = 2  # Tune-level retries of a trial whose Train run failed for good
 WORKER_RESTARTS = 2  # Train-level restarts of a trial's worker group from its latest checkpoint
 
 # Each report carries only the metrics of that moment (evaluation is every M steps), so Tune must accept
-# results that lack the sweep metric; ASHA skips them.
-os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
-logging.getLogger("ray.tune").setLevel(logging.WARNING)  # our progress table says what its INFO lines say
+# results that lack the sweep metric; ASHA skips them. Tune's driver reads it as a sweep runs: `run_task` sets it.
+# (Tune's INFO lines, which the progress table replaces, are silenced with the other libraries: orchestrator/quiet.py.)
+TUNE_ENV = {"TUNE_DISABLE_STRICT_METRIC_CHECKING": "1"}
 
 
 @dataclass(frozen=True)
@@ -54,7 +54,7 @@ class TrialSettings:
     run_dir: str
     task: TaskSpec
     training: TrainSettings
-    adapter: AdapterSettings
+    adapter: Adapter  # the spec's: each trial takes it at its rank (Trial.adapter_settings)
     workers: int
     cpus_per_worker: int
     gpus_per_worker: int
@@ -77,7 +77,7 @@ def run_trial(config: dict, settings: TrialSettings) -> None:
                      threads_per_worker=settings.cpus_per_worker,
                      resume_from=latest_checkpoint(settings.run_dir, trial.id))
     resources = Resources(settings.workers, settings.cpus_per_worker, settings.gpus_per_worker)
-    trainer = make_trainer(job, resources, os.path.join(settings.run_dir, TRAIN_DIR, trial.id), _fresh_name(),
+    trainer = make_trainer(job, resources, train_dir(settings.run_dir, trial.id), _fresh_name(),
                            max_failures=WORKER_RESTARTS, callbacks=[TuneReportCallback()])
     result = trainer.fit()
     if result.error is not None:  # let Tune see the failure (and retry the trial)
@@ -102,7 +102,7 @@ class TrialRecorder(tune.Callback):
         self._last_step: dict[str, int] = {}
 
     def on_trial_start(self, iteration: int, trials: list, trial, **info) -> None:
-        write_status(self.run_dir, trial.config["trial"], "running")
+        write_status(self.run_dir, trial.config["trial"], RUNNING)
 
     def on_trial_result(self, iteration: int, trials: list, trial, result: dict, **info) -> None:
         trial_id = trial.config["trial"]["id"]
@@ -115,10 +115,10 @@ class TrialRecorder(tune.Callback):
     def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
         trial_id = trial.config["trial"]["id"]
         done = self._last_step.get(trial_id, 0) >= self.max_steps.get(trial_id, 0)
-        write_status(self.run_dir, trial.config["trial"], "done" if done else "stopped early")
+        write_status(self.run_dir, trial.config["trial"], DONE if done else STOPPED_EARLY)
 
     def on_trial_error(self, iteration: int, trials: list, trial, **info) -> None:
-        write_status(self.run_dir, trial.config["trial"], "failed", error=_error_text(trial))
+        write_status(self.run_dir, trial.config["trial"], FAILED, error=_error_text(trial))
 
 
 def _error_text(trial) -> str | None:
@@ -138,6 +138,8 @@ def run_task(plan: Plan, task: TaskSpec, run_dir: str, cache_uri: str, concurren
     trials = [t for t in plan.trials_for(task.name) if t.id not in earlier or earlier[t.id].status not in FINISHED]
     if not trials:
         return bool(earlier)
+    for key, value in TUNE_ENV.items():  # setdefault: a user's own setting wins
+        os.environ.setdefault(key, value)
     settings = TrialSettings(cache_uri=cache_uri, run_dir=run_dir, task=task, training=spec.training,
                              adapter=spec.adapter, workers=spec.resources.workers_per_trial,
                              cpus_per_worker=spec.resources.cpus_per_worker,

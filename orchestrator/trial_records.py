@@ -4,10 +4,10 @@
     <run_dir>/trials/<trial id>/reports.jsonl   one JSON object per report: step, loss, eval metrics, and
                                                 `checkpoint`, relative to the run directory, when it saved one
 
-Status words: running | done | stopped early | failed. The sweep's driver writes them as results arrive (a
-Tune callback in orchestrator/sweep.py); everything else only reads. Tune's and Train's own folders (`tune/`,
-`train/`) are never read back: Tune keeps pickles there (`tuner.pkl`, its experiment state), and a run
-directory on shared storage is not trusted to hold only what loftune wrote. Checkpoints are read as
+Status words (orchestrator/run_dir.py): running | done | stopped early | failed. The sweep's driver writes them
+as results arrive (a Tune callback in orchestrator/sweep.py); everything else only reads. Tune's and Train's own
+folders (`tune/`, `train/`) are never read back: Tune keeps pickles there (`tuner.pkl`, its experiment state), and
+a run directory on shared storage is not trusted to hold only what loftune wrote. Checkpoints are read as
 safetensors and JSON, and only from inside `train/<trial id>/` of the run directory they are recorded in,
 so a run directory can be moved or copied and still resumes.
 
@@ -24,15 +24,23 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from orchestrator.safe_paths import check_component, is_component, is_inside
+from orchestrator.run_dir import (
+    DONE,
+    FAILED,
+    REPORTS_FILE,
+    RUNNING,
+    STATUSES,
+    STOPPED_EARLY,
+    TRAIN_DIR,
+    TRIAL_FILE,
+    TRIALS_DIR,
+    TUNE_DIR,
+    train_dir,
+    trial_dir,
+)
+from orchestrator.safe_paths import is_component, is_inside
 
-TRIALS_DIR = "trials"
-TRAIN_DIR = "train"  # <run_dir>/train/<trial id>/<attempt>/checkpoint_*: Ray Train's runs of the trial
-TRIAL_FILE = "trial.json"
-REPORTS_FILE = "reports.jsonl"
 CHECKPOINT_FILES = ("trainable.safetensors", "state.json")  # workers.checkpoint's TRAINABLE_FILE, STATE_FILE
-STATUSES = ("running", "done", "stopped early", "failed")
-FINISHED = ("done", "stopped early")  # kept on resume; a failed or interrupted trial runs again
 
 
 @dataclass
@@ -43,10 +51,6 @@ class TrialState:
     status: str
     reports: list[dict] = field(default_factory=list)
     error: str | None = None
-
-
-def trial_dir(run_dir: str, trial_id: str) -> str:
-    return os.path.join(run_dir, TRIALS_DIR, check_component(trial_id, "trial id"))
 
 
 def _write_json(path: str, data: dict) -> None:
@@ -72,7 +76,7 @@ def append_report(run_dir: str, trial_id: str, report: dict) -> None:
     row = {k: v for k, v in report.items() if isinstance(v, str | int | float | bool) or v is None}
     path = row.pop("checkpoint_path", None)
     if path:
-        if not is_inside(path, os.path.join(run_dir, TRAIN_DIR, trial_id)):
+        if not is_inside(path, train_dir(run_dir, trial_id)):
             raise ValueError(f"trial {trial_id}: checkpoint {path} is not in the run directory's {TRAIN_DIR}/")
         row["checkpoint"] = os.path.relpath(os.path.realpath(path), os.path.realpath(run_dir))
     folder = trial_dir(run_dir, trial_id)
@@ -119,7 +123,7 @@ def _with_checkpoint(run_dir: str, trial_id: str, report: dict) -> dict:
     rel = report.pop("checkpoint", None)
     if isinstance(rel, str):
         path = os.path.join(run_dir, rel)
-        if is_inside(path, os.path.join(run_dir, TRAIN_DIR, trial_id)) and is_checkpoint(path):
+        if is_inside(path, train_dir(run_dir, trial_id)) and is_checkpoint(path):
             report["checkpoint_path"] = os.path.abspath(path)
     return report
 
@@ -153,26 +157,26 @@ def read_jsonl(path: str) -> list[dict]:
 
 # ------------------------------------------------------------------------------- run dirs before the records
 
-TUNE_STATUS = {"TERMINATED": "done", "ERROR": "failed"}  # anything else was interrupted: running
+TUNE_STATUS = {"TERMINATED": DONE, "ERROR": FAILED}  # anything else was interrupted: running
 
 
 def migrate_tune_layout(run_dir: str) -> None:
     """Write records for a run directory made before them, from Tune's JSON files (once; pickles left encoded)."""
     if os.path.isdir(os.path.join(run_dir, TRIALS_DIR)):
         return
-    for state_file in glob.glob(os.path.join(run_dir, "tune", "*", "experiment_state-*.json")):
+    for state_file in glob.glob(os.path.join(run_dir, TUNE_DIR, "*", "experiment_state-*.json")):
         for trial, status in _tune_trials(state_file):
             if not is_component(trial.get("id")):
                 continue
             reports = read_jsonl(os.path.join(os.path.dirname(state_file), trial["id"], "result.json"))
             for report in reports:
                 path = report.get("checkpoint_path")
-                if path and not is_inside(path, os.path.join(run_dir, TRAIN_DIR, trial["id"])):
+                if path and not is_inside(path, train_dir(run_dir, trial["id"])):
                     report.pop("checkpoint_path")
                 append_report(run_dir, trial["id"], report)
             step = max((r.get("step", 0) for r in reports), default=0)
-            if status == "done" and step < max((r.get("max_steps", 0) for r in reports), default=0):
-                status = "stopped early"
+            if status == DONE and step < max((r.get("max_steps", 0) for r in reports), default=0):
+                status = STOPPED_EARLY
             write_status(run_dir, trial, status)
     os.makedirs(os.path.join(run_dir, TRIALS_DIR), exist_ok=True)
 
@@ -182,7 +186,7 @@ def _tune_trials(state_file: str) -> list[tuple[dict, str]]:
         with open(state_file) as f:
             data = json.load(f)
         states = [json.loads(trial_json) for trial_json, _ in data.get("trial_data", [])]
-        return [(s["config"]["trial"], TUNE_STATUS.get(s.get("status"), "running")) for s in states]
+        return [(s["config"]["trial"], TUNE_STATUS.get(s.get("status"), RUNNING)) for s in states]
     except (OSError, ValueError, KeyError, TypeError) as exc:
         print(f"loftune: ignoring Tune's unreadable state {state_file} ({exc})", file=sys.stderr)
         return []

@@ -45,7 +45,7 @@ def process_group():
     import deepspeed
 
     env = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
-           "MASTER_PORT": str(_free_port())}
+           "MASTER_PORT": str(free_port())}
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     deepspeed.init_distributed(dist_backend="gloo")
@@ -72,7 +72,8 @@ def ray_session():
 S3_BUCKET = "loftune-test"
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -83,7 +84,7 @@ def s3_server(tmp_path_factory):
     """A real S3 API on loopback (moto_server), with the env a cache reads, and one bucket."""
     import s3fs
 
-    port = _free_port()
+    port = free_port()
     endpoint = f"http://127.0.0.1:{port}"
     log = open(tmp_path_factory.mktemp("moto") / "moto.log", "wb")
     server = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
@@ -113,6 +114,7 @@ def s3_server(tmp_path_factory):
 
 # ------------------------------------------------------------------------------ `loftune run` end to end
 
+REPO = str(Path(__file__).resolve().parents[1])  # the repository root (tests/ lives in it)
 LOFTUNE = os.path.join(os.path.dirname(sys.executable), "loftune")
 SWEEP_SPEC = {
     "name": "e2e",
@@ -127,14 +129,31 @@ SWEEP_SPEC = {
 }
 
 
-def loftune(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
-    """The installed `loftune` command, as a user runs it."""
-    return subprocess.run([LOFTUNE, *args], capture_output=True, text=True, timeout=timeout)
+def loftune(*args: str, cache: str | None = None, env: dict[str, str] | None = None, cwd: str | None = None,
+            timeout: float = 900) -> subprocess.CompletedProcess:
+    """The installed `loftune` command, as a user runs it: in this process's environment (or `env` instead), with
+    $LOFTUNE_CACHE set to `cache` where given, in `cwd` (default: this process's)."""
+    if cache is not None:
+        env = {**(os.environ if env is None else env), "LOFTUNE_CACHE": cache}
+    return subprocess.run([LOFTUNE, *args], capture_output=True, text=True, env=env, cwd=cwd, timeout=timeout)
 
 
-def write_spec(path, spec: dict, cache: str) -> str:
-    path.write_text(yaml.safe_dump({**spec, "cache": {"uri": cache}}))
+def write_spec(path, spec: dict, cache: str, **sections) -> str:
+    """spec, with the top-level `sections` replaced and its cache at `cache`, written to path as YAML."""
+    path.write_text(yaml.safe_dump({**spec, **sections, "cache": {"uri": cache}}))
     return str(path)
+
+
+def trial_reports(run_dir: str, trial: str) -> list[dict]:
+    """loftune's record of a trial's reports (trials/<trial>/reports.jsonl: what Tune passed on), as written so far
+    (a line still being written is left out)."""
+    import json
+
+    path = os.path.join(run_dir, "trials", trial, "reports.jsonl")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip().endswith("}")]
 
 
 @pytest.fixture(scope="session")
@@ -189,3 +208,20 @@ def planned_with_bases(spec_path) -> tuple:
     for request in plan.builds:
         ensure_base(request, cache, progress=False)
     return spec, cache, plan
+
+
+def quantized_entry(source, bits: int = 4, rank: int = 4) -> dict:
+    """A cache entry's tensors, built in this process: all-linear NF-quantized with rank-`rank` LoftQ factors, every
+    other tensor as stored in the model's files (what orchestrator.build writes, without Ray)."""
+    from workers.matrix_worker import MatrixJob, MatrixWorker
+    from workers.quant import QuantSpec
+
+    worker, targets, tensors = MatrixWorker(), set(source.select_targets(["all-linear"])), {}
+    for name in source.tensors:
+        module = name.removesuffix(".weight")
+        if module in targets:
+            tensors.update(worker.quantize(MatrixJob(module, QuantSpec("nf", bits, 64), rank, 1),
+                                           source.read(name)).tensors)
+        else:
+            tensors[name] = source.read(name)
+    return tensors

@@ -2,7 +2,7 @@
 
 `bnb_supports(q)` says whether `dequantize` may take this route; `dequantize_bnb(q, dtype, out=None)` gives bit
 for bit what `workers.quant.dequantize` gives. The route is taken only when loftune's layout converts EXACTLY
-to bitsandbytes' (0.50.2, read in its source and checked by tests/test_bnb_nf4.py):
+to bitsandbytes' (0.50.2, read in its source and checked by tests/workers/test_bnb_nf4.py):
 
 - codes: uint8, two per byte, the FIRST code in the HIGH nibble (`out_dq[::2] = A >> 4` in
   backends/default/ops.py; the CUDA kernel takes `qvals[j] >> 4` first). loftune puts the first code in the LOW
@@ -43,7 +43,8 @@ from functools import cache
 
 import torch
 
-from workers.quant import QuantizedTensor, _output_for, nf_codebook
+from workers.quant import QuantizedTensor, _output_for
+from workers.quant_codes import nf_codebook
 
 BNB_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 OUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)

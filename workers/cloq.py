@@ -26,7 +26,7 @@ import math
 
 import torch
 
-from workers.loftq import LoftQResult, _result, check_args, exact_svd, randomized_svd
+from workers.loftq import LoftQResult, _result, check_args, truncated_svd
 from workers.quant import QuantSpec, dequantize_codes, quantize_codes
 
 DAMPING = 0.01
@@ -84,7 +84,7 @@ def calibrated_init(
         if t > 0:
             codes, scales, zeros = quantize_codes(w - delta, spec)
         weighted = (w - dequantize_codes(codes, scales, zeros, spec)) @ R.T
-        u, s, vh = _svd(weighted, rank, svd, gen)
+        u, s, vh, _ = truncated_svd(weighted, rank, svd, None, gen)  # a cold start each time
         error = math.sqrt(max(weighted.norm().item() ** 2 - (s.double() ** 2).sum().item(), 0.0)) / w_norm
         errors.append(error)
         root = torch.sqrt(s)
@@ -96,18 +96,3 @@ def calibrated_init(
         delta = b @ a
     codes, scales, zeros, A, B, _ = best
     return _result(codes, scales, zeros, spec, A, B, errors, quant_error, scale, "lora")
-
-
-def _svd(m: torch.Tensor, rank: int, svd: str, gen: torch.Generator):
-    if rank == 0:
-        return m[:, :0], m.new_zeros(0), m[:0]
-    if svd == "exact":
-        return exact_svd(m, rank)
-    return randomized_svd(m, rank, power_iters=4, generator=gen)
-
-
-def output_error(weight: torch.Tensor, approx: torch.Tensor, inputs: torch.Tensor) -> float:
-    """||(W - approx) X^T||_F / ||W X^T||_F for inputs X [n, in]: what the layer's outputs feel."""
-    w = weight.float()
-    return (torch.linalg.vector_norm((w - approx.float()) @ inputs.float().T)
-            / torch.linalg.vector_norm(w @ inputs.float().T)).item()

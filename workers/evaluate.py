@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from workers.qlayers import weights_held
-from workers.tasks import IGNORE_INDEX
+from workers.task_encoding import IGNORE_INDEX
 from workers.trial_run import TrialRun
 
 

@@ -20,13 +20,14 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from workers.qlayers import QuantLoraLinear
+from workers.entry_format import qweight_tensors
+from workers.qlayers import LORA_LAYERS, QuantLoraLinear
 
 PROVENANCE_FILE = "loftune.json"
 
 
 def quant_layers(model: nn.Module) -> dict[str, QuantLoraLinear]:
-    return {name: m for name, m in model.named_modules() if isinstance(m, QuantLoraLinear)}
+    return {name: m for name, m in model.named_modules() if isinstance(m, LORA_LAYERS)}
 
 
 def merged_fp_model(model: nn.Module, with_adapter: bool = True) -> nn.Module:
@@ -94,7 +95,7 @@ def export_qalora_merged(model: nn.Module, out_dir: str, *, model_config: dict, 
     layers = quant_layers(model)
     for name, layer in layers.items():
         layer.merge()
-        tensors.update({f"{name}.qweight.{k}": v.contiguous() for k, v in layer.quantized.state_dict().items()})
+        tensors.update(qweight_tensors(name, {k: v.contiguous() for k, v in layer.quantized.state_dict().items()}))
     skip = tuple(f"{name}." for name in layers)
     for key, value in model.state_dict().items():
         if not key.startswith(skip) or key.endswith(".bias"):

@@ -4,13 +4,13 @@
 the fp32 product codebook[c] * scale (INT: c * scale, then + zero, two roundings: the kernel is compiled with
 fp fusion off so no FMA contracts them), rounded once (round to nearest even) to the output dtype.
 
-Supported: kinds nf and int, bits 2, 3, 4 and 8 (the byte layouts of `quant.pack_codes`, little-endian within
+Supported: kinds nf and int, bits 2, 3, 4 and 8 (the byte layouts of `quant_codes.pack_codes`, little-endian within
 a unit: four, two and one codes per byte; 3 bits: eight codes in three bytes, so a code may straddle two bytes),
 scales (and zeros) in fp16 / bf16 / fp32, output fp32 / bf16 / fp16. On CUDA, NF4 goes to bitsandbytes instead
 where that is exact (`workers.bnb_nf4`); `quant.dequantize` chooses.
 
 triton is imported lazily (on the first call), so this module imports without it. On the CPU the kernel runs
-under `TRITON_INTERPRET=1` (set before triton is first imported), which is how tests/test_kernels.py checks it.
+under `TRITON_INTERPRET=1` (set before triton is first imported), which is how tests/workers/test_kernels.py checks it.
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ from functools import cache
 
 import torch
 
-from workers.quant import QuantizedTensor, _output_for, _pack_unit, nf_codebook
+from workers.quant import QuantizedTensor, _output_for
+from workers.quant_codes import nf_codebook, pack_unit
 
 KERNEL_BITS = (2, 3, 4, 8)
 OUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -110,7 +111,7 @@ def dequantize_triton(q: QuantizedTensor, dtype: torch.dtype = torch.float32,
     grid = (triton.cdiv(numel, BLOCK),)
     out_bf16 = out.dtype == torch.bfloat16
     target = out.view(torch.int16) if out_bf16 else out
-    unit_codes, unit_bytes = _pack_unit(q.spec.bits)
+    unit_codes, unit_bytes = pack_unit(q.spec.bits)
     kernel[grid](q.packed, q.scales.contiguous(), zeros.contiguous(), book, target, numel,
                  BITS=q.spec.bits, UNIT_CODES=unit_codes, UNIT_BYTES=unit_bytes, GROUP=q.spec.group_size,
                  IS_NF=is_nf, OUT_BF16=out_bf16, BLOCK=BLOCK, enable_fp_fusion=False)

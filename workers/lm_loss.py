@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from workers.tasks import IGNORE_INDEX
+from workers.task_encoding import IGNORE_INDEX
 
 CHUNKED_LOSS_MODELS = ("llama", "mistral", "qwen2", "qwen3")
 CHUNK_TOKENS = 256

@@ -26,7 +26,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from workers.quant import QuantizedTensor, QuantSpec, check_groupable, dequantize_codes, pack_codes, quantize_codes
+from workers.quant import QuantizedTensor, QuantSpec, check_groupable, dequantize_codes, quantize_codes
+from workers.quant_codes import pack_codes
 
 SVD_METHODS = ("randomized", "exact")
 ADAPTERS = ("lora", "qalora")
@@ -181,9 +182,7 @@ def loftq_init(
     quant_error = torch.linalg.vector_norm(residual).item() / w_norm
     a_cols = in_f // L
     if iters == 0:
-        A = torch.empty(rank, a_cols, device=w.device)
-        torch.nn.init.kaiming_uniform_(A, a=math.sqrt(5), generator=gen)
-        B = torch.zeros(out_f, rank, device=w.device)
+        A, B = _qlora_factors(out_f, a_cols, rank, w.device, gen)
         return _result(codes, scales, zeros, spec, A, B, [], quant_error, scale, adapter)
 
     best: _Iterate | None = None
@@ -196,14 +195,7 @@ def loftq_init(
         # QA-LoRA: the best group-constant correction is the SVD of the group means, scaled by
         # sqrt(L) so that Frobenius norms of the [out, in/L] problem match the [out, in] one.
         target = group_mean(residual, L) * math.sqrt(L) if L > 1 else residual
-        if rank == 0:
-            u, s, vh = target[:, :0], target.new_zeros(0), target[:0]
-        elif svd == "exact":
-            u, s, vh = exact_svd(target, rank)
-        else:
-            # a cold start needs more power iterations on the flat spectrum of a quantization residual
-            u, s, vh = randomized_svd(target, rank, power_iters=4 if start is None else 2, start=start, generator=gen)
-            start = vh.T
+        u, s, vh, start = truncated_svd(target, rank, svd, start, gen)
         # The correction is an orthogonal projection of the residual (onto rank-r, group-constant
         # matrices), so ||R - correction||^2 = ||R||^2 - sum(s^2) exactly, without forming it.
         error_sq = torch.linalg.vector_norm(residual).item() ** 2 - (s.double() ** 2).sum().item()
@@ -219,6 +211,27 @@ def loftq_init(
         elif t + 1 < iters:
             delta = expand_groups((u * s) @ vh / math.sqrt(L), L)
     return _result(best.codes, best.scales, best.zeros, spec, best.A, best.B, errors, quant_error, scale, adapter)
+
+
+def _qlora_factors(out_f: int, a_cols: int, rank: int, device: torch.device, gen: torch.Generator
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The QLoRA start (T = 0): A Kaiming-uniform from `gen`, as peft initializes it, and B = 0."""
+    A = torch.empty(rank, a_cols, device=device)
+    torch.nn.init.kaiming_uniform_(A, a=math.sqrt(5), generator=gen)
+    return A, torch.zeros(out_f, rank, device=device)
+
+
+def truncated_svd(target: torch.Tensor, rank: int, svd: str, start: torch.Tensor | None, gen: torch.Generator
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(u, s, vh) of `target`'s rank-`rank` SVD by the `svd` method ("randomized" starts from `start`, the
+    previous iterate's right singular vectors, when given), and the warm start for the next iteration."""
+    if rank == 0:
+        return target[:, :0], target.new_zeros(0), target[:0], start
+    if svd == "exact":
+        return (*exact_svd(target, rank), start)
+    # a cold start needs more power iterations on the flat spectrum of a quantization residual
+    u, s, vh = randomized_svd(target, rank, power_iters=4 if start is None else 2, start=start, generator=gen)
+    return u, s, vh, vh.T
 
 
 def _result(codes, scales, zeros, spec, A, B, errors, quant_error, scale, adapter) -> LoftQResult:

@@ -1,12 +1,9 @@
 """What one build actor does: LoftQ-quantize the matrices it is handed, on its GPU if it has one.
 
 The orchestrator wraps `MatrixWorker` in `ray.remote`; nothing here needs Ray (outside Ray, a result's `node`
-is empty). Results are plain tensors named as they are stored in a cache entry:
-
-    <module>.qweight.codes / .scales / .zeros / .qmeta     the quantized base (QuantizedTensor.state_dict)
-    <module>.lora_A, <module>.lora_B                       LoftQ factors at LoRA scale 1
-    <module>.fpweight                                      the full-precision control's (bits 16) frozen weight,
-                                                           in bf16: no quantization, no factors
+is empty). Results are plain tensors named as they are stored in a cache entry (workers/entry_format.py):
+the quantized base's parts and the LoftQ factors at LoRA scale 1, or the full-precision control's (bits 16) frozen
+weight in bf16 (no quantization, no factors).
 """
 
 from __future__ import annotations
@@ -18,16 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from workers.entry_format import (  # noqa: F401  (re-exported: the names a build writes)
-    FP_WEIGHT,
-    FULL_PRECISION_BITS,
-    FULL_PRECISION_DTYPE_NAME,
-    FULL_PRECISION_METHOD,
-    METHOD_ADAPTER,
-    METHODS,
-    is_factor,
-    qweight_names,
-)
+from workers.entry_format import FULL_PRECISION_DTYPE_NAME, adapter_for, factor_names, fp_weight_name, qweight_tensors
 from workers.loftq import loftq_init
 from workers.quant import QuantSpec
 
@@ -76,17 +64,18 @@ class MatrixWorker:
     def quantize(self, job: MatrixJob, weight: torch.Tensor) -> MatrixResult:
         start = time.perf_counter()
         if job.spec is None:  # the bf16 control: the weight as it is trained on, exactly (error 0)
-            tensors = {job.module + FP_WEIGHT: weight.to(FULL_PRECISION_DTYPE).contiguous()} if job.want_base else {}
+            name = fp_weight_name(job.module)
+            tensors = {name: weight.to(FULL_PRECISION_DTYPE).contiguous()} if job.want_base else {}
             return MatrixResult(job.module, tensors, 0.0, [], time.perf_counter() - start, "cpu", self.node)
         res = loftq_init(weight.to(self.device), job.spec, job.rank, job.iters, scale=1.0,
-                         adapter=METHOD_ADAPTER[job.method], seed=job.matrix_seed)
+                         adapter=adapter_for(job.method), seed=job.matrix_seed)
         tensors: dict[str, torch.Tensor] = {}
         if job.want_base:
-            for part, tensor in res.quantized.state_dict().items():
-                tensors[f"{job.module}.qweight.{part}"] = tensor.cpu().contiguous()
+            parts = {part: t.cpu().contiguous() for part, t in res.quantized.state_dict().items()}
+            tensors.update(qweight_tensors(job.module, parts))
         if job.iters > 0:  # QLoRA (iters 0) starts from random A and B = 0: nothing to store
-            tensors[f"{job.module}.lora_A"] = res.lora_A.cpu().contiguous()
-            tensors[f"{job.module}.lora_B"] = res.lora_B.cpu().contiguous()
+            name_a, name_b = factor_names(job.module)
+            tensors[name_a], tensors[name_b] = res.lora_A.cpu().contiguous(), res.lora_B.cpu().contiguous()
         return MatrixResult(job.module, tensors, res.quant_error, res.errors, time.perf_counter() - start,
                             str(self.device), self.node)
 

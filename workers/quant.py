@@ -20,8 +20,9 @@ from functools import cache
 
 import torch
 
-NF_OFFSET = 0.9677083
-ALLOWED_BITS = {"nf": (2, 3, 4), "int": (2, 3, 4, 8)}
+from workers.quant_codes import NF_BITS, nf_codebook, nf_midpoints, pack_codes, pack_unit, packed_nbytes, unpack_codes
+
+ALLOWED_BITS = {"nf": NF_BITS, "int": (2, 3, 4, 8)}
 SCALE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 _KIND_IDS = {"nf": 0, "int": 1}
 QMETA_VERSION = 1
@@ -61,39 +62,6 @@ class QuantSpec:
         return 1 << self.bits
 
 
-@cache
-def _nf_codebook_f64(bits: int) -> tuple[float, ...]:
-    """QLoRA's construction (bitsandbytes' create_normal_map) step for step in its dtypes, so that NF4 is
-    bitsandbytes' table bit for bit and its CUDA kernel dequantizes our codes exactly: quantile points from a
-    float32 linspace, the normal inverse in float64, rounded to float32, normalized by the maximum in float32.
-    (Until Dec 2026 every step ran in float64: values 1-6 float32 ulps away, far below any quantization error.)"""
-    half = 2 ** (bits - 1)
-
-    def ppf(p: torch.Tensor) -> torch.Tensor:
-        return torch.special.ndtri(p.double()).float()
-
-    pos = ppf(torch.linspace(NF_OFFSET, 0.5, half + 1, dtype=torch.float32)[:-1])
-    neg = -ppf(torch.linspace(NF_OFFSET, 0.5, half, dtype=torch.float32)[:-1])
-    values = torch.cat([pos, torch.zeros(1), neg]).sort().values
-    return tuple((values / values.max()).tolist())
-
-
-@cache
-def _nf_midpoints(bits: int) -> tuple[float, ...]:
-    book = torch.tensor(_nf_codebook_f64(bits), dtype=torch.float32)
-    return tuple(((book[1:] + book[:-1]) / 2).tolist())
-
-
-def nf_codebook(bits: int) -> torch.Tensor:
-    """The NormalFloat-k codebook (2^k sorted values in [-1, 1], zero included), as float32.
-
-    Built from normal quantiles as in QLoRA; NF4 equals the bitsandbytes table bit for bit (tested).
-    """
-    if bits not in ALLOWED_BITS["nf"]:
-        raise ValueError(f"nf_codebook: bits must be one of {list(ALLOWED_BITS['nf'])}, got {bits!r}")
-    return torch.tensor(_nf_codebook_f64(bits), dtype=torch.float32)
-
-
 @dataclass
 class QuantizedTensor:
     """A quantized [out, in] matrix: packed codes, per-group scales (and zero points for INT)."""
@@ -103,10 +71,6 @@ class QuantizedTensor:
     zeros: torch.Tensor | None  # [out, in // group_size] for INT, None for NF
     spec: QuantSpec
     shape: tuple[int, int]
-
-    @property
-    def codebook(self) -> torch.Tensor | None:
-        return nf_codebook(self.spec.bits).to(self.packed.device) if self.spec.kind == "nf" else None
 
     @property
     def nbytes(self) -> int:
@@ -170,44 +134,6 @@ class QuantizedTensor:
         return QuantizedTensor(self.packed.to(device), self.scales.to(device), zeros, self.spec, self.shape)
 
 
-# ---------------------------------------------------------------------------------------------- packing
-
-
-def _pack_unit(bits: int) -> tuple[int, int]:
-    """(codes, bytes) of the smallest whole-byte unit: 2-bit 4 in 1, 3-bit 8 in 3, 4-bit 2 in 1, 8-bit 1 in 1."""
-    codes = 8 // math.gcd(8, bits)
-    return codes, codes * bits // 8
-
-
-def packed_nbytes(numel: int, bits: int) -> int:
-    """Bytes needed to pack `numel` codes of `bits` bits (the last unit is zero-padded)."""
-    codes, nbytes = _pack_unit(bits)
-    return -(-numel // codes) * nbytes
-
-
-def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """Pack integer codes in [0, 2^bits) densely into a flat uint8 tensor (little-endian within a unit)."""
-    unit_codes, unit_bytes = _pack_unit(bits)
-    flat = codes.reshape(-1).to(torch.int32)
-    pad = (-flat.numel()) % unit_codes
-    if pad:
-        flat = torch.cat([flat, flat.new_zeros(pad)])
-    code_shifts = torch.arange(unit_codes, device=flat.device, dtype=torch.int32) * bits
-    value = (flat.view(-1, unit_codes) << code_shifts).sum(dim=1, dtype=torch.int32)
-    byte_shifts = torch.arange(unit_bytes, device=flat.device, dtype=torch.int32) * 8
-    return ((value[:, None] >> byte_shifts) & 0xFF).to(torch.uint8).reshape(-1)
-
-
-def unpack_codes(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
-    """Inverse of `pack_codes`: the first `numel` codes as a flat uint8 tensor."""
-    unit_codes, unit_bytes = _pack_unit(bits)
-    byte_shifts = torch.arange(unit_bytes, device=packed.device, dtype=torch.int32) * 8
-    value = (packed.view(-1, unit_bytes).to(torch.int32) << byte_shifts).sum(dim=1, dtype=torch.int32)
-    code_shifts = torch.arange(unit_codes, device=packed.device, dtype=torch.int32) * bits
-    codes = (value[:, None] >> code_shifts) & ((1 << bits) - 1)
-    return codes.reshape(-1)[:numel].to(torch.uint8)
-
-
 # ----------------------------------------------------------------------------------------- quantization
 
 
@@ -243,7 +169,7 @@ def _quantize_block(w: torch.Tensor, spec: QuantSpec, sdtype: torch.dtype, codes
         # nearest code = how many codebook midpoints lie below x (what bucketize computes, 3-4x faster
         # here for at most 15 midpoints, and never a [numel, 2^bits] temporary)
         codes = torch.zeros(x.shape, dtype=torch.uint8, device=x.device)
-        for midpoint in _nf_midpoints(spec.bits):
+        for midpoint in nf_midpoints(spec.bits):
             codes += x > midpoint
         codes_out.copy_(codes.view(codes_out.shape))
         return scales, None
@@ -304,12 +230,6 @@ def dequantize_codes(
     return out
 
 
-def fake_quantize(weight: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
-    """dequantize(quantize(weight)) in float32, without packing (the inner step of LoftQ)."""
-    codes, scales, zeros = quantize_codes(weight, spec)
-    return dequantize_codes(codes, scales, zeros, spec)
-
-
 def quantize(weight: torch.Tensor, spec: QuantSpec) -> QuantizedTensor:
     """Quantize an [out, in] weight group-wise along `in`; codes are packed densely."""
     codes, scales, zeros = quantize_codes(weight, spec)
@@ -367,7 +287,7 @@ CPU_SPAN_NUMEL = 1 << 20
 
 def _span_numel(spec: QuantSpec, numel: int, device: torch.device) -> int:
     """Codes per span: whole groups and whole packing units, so every span starts on a byte and a group."""
-    unit = math.lcm(spec.group_size, _pack_unit(spec.bits)[0])
+    unit = math.lcm(spec.group_size, pack_unit(spec.bits)[0])
     whole = -(-numel // unit) * unit
     return whole if device.type != "cpu" else min(whole, max(1, CPU_SPAN_NUMEL // unit) * unit)
 
@@ -405,7 +325,7 @@ class _SpanWork:
 
     def run(self, start: int, n: int, flat_out: torch.Tensor) -> None:
         """Dequantize codes [start, start + n) of the row-major matrix into flat_out[start: start + n]."""
-        padded = -(-n // _pack_unit(self.bits)[0]) * _pack_unit(self.bits)[0]
+        padded = -(-n // pack_unit(self.bits)[0]) * pack_unit(self.bits)[0]
         # the wide-dtype view of a direct write needs the span 16-byte aligned within its storage
         direct = (self.values is None and start + padded <= flat_out.numel()
                   and flat_out.storage_offset() % 4 == 0)
@@ -426,7 +346,7 @@ class _SpanWork:
 
     def _decode(self, start: int, padded: int, values: torch.Tensor) -> None:
         """fp32 code values (NF: codebook entries; INT: the integer codes) of `padded` codes from `start`."""
-        unit_codes, unit_bytes = _pack_unit(self.bits)
+        unit_codes, unit_bytes = pack_unit(self.bits)
         first_byte = start // unit_codes * unit_bytes
         nbytes = padded // unit_codes * unit_bytes
         packed = self.q.packed[first_byte: first_byte + nbytes]

@@ -5,14 +5,42 @@ Resolution for a module, later rules winning:
 2. mixed precision (the LoftQ paper's 2.5 / 2.25-bit models): blocks with index < `first_layers` get
    `first_bits` (e.g. the first 4 layers at 4 bits, the rest at 2);
 3. overrides, in order: every override whose pattern matches replaces bits and/or group size.
+
+The rules a quantization setting must follow live here once, each as a function that returns a neutral problem
+(no spec path: the job spec, the command line and the builder each say where the value came from):
+`bits_problem` (the bits a kind supports), `method_problem` (QA-LoRA needs an INT base), `max_rank` (the
+largest LoRA rank a matrix holds).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from typing import Any
 
+from workers.messages import brief
 from workers.model_source import layer_index, module_matches
 from workers.quant import ALLOWED_BITS, QuantSpec
+
+
+def bits_problem(kind: str, bits: Any) -> str | None:
+    """The problem with quantizing at `bits` with `kind` (mixed precision's bits, an override's), if any."""
+    if bits in ALLOWED_BITS[kind] and not isinstance(bits, bool):
+        return None
+    return f"{kind} supports {list(ALLOWED_BITS[kind])}, got {brief(bits)}"
+
+
+def method_problem(method: str, kind: str) -> str | None:
+    """The problem with building a base with `method` over quantizer `kind`, if any: QA-LoRA only over INT."""
+    if method == "qalora" and kind != "int":
+        return f"'qalora' needs kind 'int' (it merges into INT zero points), got {kind!r}"
+    return None
+
+
+def max_rank(shape: tuple[int, int], group_size: int | None, pooled: bool) -> int:
+    """The largest LoRA rank an [out, in] matrix holds: min(out, in); a pooled (QA-LoRA) adapter's A has one
+    column per quantization group, so min(out, in / group_size)."""
+    rows, cols = shape
+    return min(rows, cols // group_size if pooled and group_size else cols)
 
 
 @dataclass(frozen=True)
@@ -31,6 +59,11 @@ class QuantPlan:
     first_bits: int | None = None
     overrides: tuple[Override, ...] = field(default_factory=tuple)
 
+    def __post_init__(self) -> None:
+        problem = None if self.first_bits is None else bits_problem(self.base.kind, self.first_bits)
+        if problem:
+            raise ValueError(f"QuantPlan.first_bits: {problem}")
+
     def spec_for(self, module: str) -> QuantSpec:
         """The QuantSpec for one module (raises ValueError naming the module for an invalid combination)."""
         spec = self.base
@@ -45,10 +78,6 @@ class QuantPlan:
     def problems(self, shapes: dict[str, tuple[int, ...]]) -> list[str]:
         """Every problem this plan has with these [out, in] target shapes, one message each (before any work)."""
         out = []
-        if self.first_bits is not None and self.first_bits not in ALLOWED_BITS[self.base.kind]:
-            out.append(f"quantization.mixed.bits: {self.base.kind} supports {list(ALLOWED_BITS[self.base.kind])}, "
-                       f"got {self.first_bits}")
-            return out
         for module, shape in shapes.items():
             try:
                 spec = self.spec_for(module)

@@ -1,6 +1,6 @@
 """Put a cached quantized base into a model: each target nn.Linear becomes a QuantLoraLinear.
 
-`tensors` is what a cache entry holds (see workers.matrix_worker): quantized matrices under
+`tensors` is what a cache entry holds (named as workers/entry_format.py says): quantized matrices under
 `<module>.qweight.*`, LoftQ factors under `<module>.lora_A/B` (at LoRA scale 1), and every other tensor
 of the model under its own name. The full-precision control's entry (bits 16) holds each target's bf16 weight
 under `<module>.fpweight` instead: those targets become FullPrecisionLoraLinear layers (plain LoRA).
@@ -18,32 +18,21 @@ import math
 import torch
 from torch import nn
 
-from workers.matrix_worker import FP_WEIGHT, is_factor
+from workers.entry_format import (
+    factor_names,
+    fp_weight_name,
+    full_precision_modules,
+    is_plain,
+    quantized_modules,
+    qweight_parts,
+)
 from workers.qlayers import FullPrecisionLoraLinear, QuantLoraLinear
 from workers.quant import QuantizedTensor
-
-QWEIGHT = ".qweight."
-
-
-def quantized_modules(tensors: dict[str, torch.Tensor]) -> list[str]:
-    """Modules that have a quantized weight in `tensors`."""
-    return sorted(k[: -len(QWEIGHT + "qmeta")] for k in tensors if k.endswith(QWEIGHT + "qmeta"))
-
-
-def full_precision_modules(tensors: dict[str, torch.Tensor]) -> list[str]:
-    """Modules that have a full-precision control weight (`<module>.fpweight`) in `tensors`."""
-    return sorted(k.removesuffix(FP_WEIGHT) for k in tensors if k.endswith(FP_WEIGHT))
-
-
-def is_plain(name: str) -> bool:
-    """Whether an entry tensor is an ordinary model tensor (not a quantized part, a control's weight or a factor)."""
-    return QWEIGHT not in name and not name.endswith(FP_WEIGHT) and not is_factor(name)
 
 
 def quantized_tensor(tensors: dict[str, torch.Tensor], module: str) -> QuantizedTensor:
     """The QuantizedTensor stored for `module` in entry-layout `tensors`."""
-    prefix = f"{module}{QWEIGHT}"
-    return QuantizedTensor.from_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+    return QuantizedTensor.from_state_dict(qweight_parts(tensors, module))
 
 
 def apply_quantized_base(
@@ -74,10 +63,10 @@ def apply_quantized_base(
             layer = QuantLoraLinear(quantized_tensor(tensors, module), bias, rank=rank, scale=scale, adapter=adapter,
                                     dropout=dropout)
         else:
-            layer = FullPrecisionLoraLinear(tensors[module + FP_WEIGHT], bias, rank=rank, scale=scale,
+            layer = FullPrecisionLoraLinear(tensors[fp_weight_name(module)], bias, rank=rank, scale=scale,
                                             adapter=adapter, dropout=dropout)
         if init == "loftq" and rank:
-            A, B = tensors.get(f"{module}.lora_A"), tensors.get(f"{module}.lora_B")
+            A, B = (tensors.get(name) for name in factor_names(module))
             if A is None or B is None:
                 control = " (a bits-16 control entry: plain LoRA starts from init 'qlora')" * (module not in quantized)
                 raise ValueError(f"{module}: the cache entry has no LoftQ factors for rank {rank}{control}")
@@ -240,5 +229,5 @@ def dequantized_state_dict(tensors: dict[str, torch.Tensor], dtype: torch.dtype 
     for module in quantized_modules(tensors):
         out[f"{module}.weight"] = dequantize(quantized_tensor(tensors, module), dtype)
     for module in full_precision_modules(tensors):
-        out[f"{module}.weight"] = tensors[module + FP_WEIGHT].to(dtype)
+        out[f"{module}.weight"] = tensors[fp_weight_name(module)].to(dtype)
     return out

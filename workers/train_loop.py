@@ -22,8 +22,8 @@ from workers.checkpoint import load_checkpoint, save_checkpoint
 from workers.evaluate import evaluate, quiet_generator
 from workers.lm_loss import use_chunked_loss
 from workers.malloc_tuning import pin_malloc_thresholds
-from workers.model_source import write_tokenizer_files
-from workers.qlayers import QuantLoraLinear
+from workers.model_files import write_tokenizer_files
+from workers.qlayers import LORA_LAYERS
 from workers.shared_tensors import from_shared
 from workers.surgery import apply_quantized_base, empty_parameters, init_missing, is_plain
 from workers.train_settings import AdapterSettings, TrainSettings, deepspeed_config, lr_multiplier, with_epoch_steps
@@ -77,7 +77,7 @@ def build_model(model_config: dict, tensors: dict[str, torch.Tensor], adapter: A
                          dropout=adapter.dropout, init=adapter.init, prefix=prefix)
     init_missing(model)
     from_entry = {prefix + k for k in tensors}
-    adapters = {id(p) for m in model.modules() if isinstance(m, QuantLoraLinear) for p in m.adapter_params()}
+    adapters = {id(p) for m in model.modules() if isinstance(m, LORA_LAYERS) for p in m.adapter_params()}
     for name, param in model.named_parameters():
         # adapters train; so does anything the entry does not hold (a fresh task head)
         param.requires_grad = id(param) in adapters or name not in from_entry

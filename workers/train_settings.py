@@ -1,14 +1,16 @@
 """Fine-tuning settings and the DeepSpeed config built from them.
 
-`TrainSettings` maps one-to-one onto the `training:` block of a job spec; `AdapterSettings` onto the adapter
-fields (rank, alpha, dropout, init). `deepspeed_config` is the only place a DeepSpeed config is written.
+`TrainSettings` maps one-to-one onto the `training:` block of a job spec (None: not set); `AdapterSettings` is
+what one trial's adapter is (the spec's `adapter:` block at the trial's rank). `with_epoch_steps` is the one
+place the length of training is resolved; `deepspeed_config` the only place a DeepSpeed config is written.
+Checks return (field, message) pairs: the caller knows where the settings came from and names the path.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 from workers.messages import brief
 
@@ -16,19 +18,20 @@ ZERO_STAGES = (0, 1, 2, 3)
 PRECISIONS = ("fp32", "bf16")
 SCHEDULES = ("linear", "cosine", "constant")
 INITS = ("loftq", "qlora")
+DEFAULT_MAX_STEPS = 100  # the length of training when neither max_steps nor epochs is set
 
 
 @dataclass(frozen=True)
 class TrainSettings:
     """The `training:` block of a job spec.
 
-    The length of training is `max_steps` optimizer steps, or `epochs` passes over the training set: with
-    `epochs` set, each worker derives max_steps = ceil(len(train) / (micro_batch_size * workers * grad_accum))
-    * epochs once the data is loaded (`with_epoch_steps`), and the LR schedule, evaluation and checkpoint
-    cadence follow that count. (Each worker drops its last incomplete micro batch of a pass, so a step near
-    the end of an epoch may take its examples from the next, reshuffled pass.) Giving both is reported by
-    `problems()` when max_steps differs from its default; a max_steps left at (or set to) the default 100 is
-    ignored in favour of epochs.
+    The length of training is `max_steps` optimizer steps, or `epochs` passes over the training set, or
+    DEFAULT_MAX_STEPS steps when neither is set (None: not set). With `epochs`, each worker derives max_steps =
+    ceil(len(train) / (micro_batch_size * workers * grad_accum)) * epochs once the data is loaded
+    (`with_epoch_steps`), and the LR schedule, evaluation and checkpoint cadence follow that count. (Each worker
+    drops its last incomplete micro batch of a pass, so a step near the end of an epoch may take its examples
+    from the next, reshuffled pass.) Setting both is an error that `problems()` reports, whatever the values:
+    neither silently wins.
     """
 
     zero_stage: int = 0
@@ -36,7 +39,7 @@ class TrainSettings:
     activation_checkpointing: bool = False  # recompute each block's activations in backward: memory for compute
     micro_batch_size: int = 16
     grad_accum: int = 1
-    max_steps: int = 100
+    max_steps: int | None = None  # None: DEFAULT_MAX_STEPS, or derived from epochs
     epochs: int | None = None
     lr: float = 5e-4
     weight_decay: float = 0.0
@@ -49,43 +52,44 @@ class TrainSettings:
     max_eval_batches: int | None = None
     seed: int = 0
 
-    def problems(self, path: str = "training") -> list[str]:
-        """Every invalid field, each as '<path>.<field>: expected ..., got ...'."""
+    def problems(self) -> list[tuple[str, str]]:
+        """Every invalid field, as (field, 'expected ..., got ...') pairs."""
         out = []
         if self.zero_stage not in ZERO_STAGES:
-            out.append(f"{path}.zero_stage: expected one of {list(ZERO_STAGES)}, got {brief(self.zero_stage)}")
+            out.append(("zero_stage", f"expected one of {list(ZERO_STAGES)}, got {brief(self.zero_stage)}"))
         if self.precision not in PRECISIONS:
-            out.append(f"{path}.precision: expected one of {list(PRECISIONS)} (fp16 is not supported on the CPU), "
-                       f"got {brief(self.precision)}")
+            out.append(("precision", f"expected one of {list(PRECISIONS)} (fp16 is not supported on the CPU), "
+                                     f"got {brief(self.precision)}"))
         if not isinstance(self.activation_checkpointing, bool):
-            out.append(f"{path}.activation_checkpointing: expected true or false, "
-                       f"got {brief(self.activation_checkpointing)}")
+            out.append(("activation_checkpointing",
+                        f"expected true or false, got {brief(self.activation_checkpointing)}"))
         if self.schedule not in SCHEDULES:
-            out.append(f"{path}.schedule: expected one of {list(SCHEDULES)}, got {brief(self.schedule)}")
+            out.append(("schedule", f"expected one of {list(SCHEDULES)}, got {brief(self.schedule)}"))
         for name in ("micro_batch_size", "grad_accum", "max_steps", "report_every", "eval_every", "checkpoint_every"):
             value = getattr(self, name)
+            if value is None and name == "max_steps":
+                continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                out.append(f"{path}.{name}: expected an integer >= 1, got {brief(value)}")
+                out.append((name, f"expected an integer >= 1, got {brief(value)}"))
         for name in ("lr", "weight_decay", "grad_clip"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-                out.append(f"{path}.{name}: expected a finite number >= 0, got {brief(value)}")
+                out.append((name, f"expected a finite number >= 0, got {brief(value)}"))
         if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
-            out.append(f"{path}.warmup_steps: expected an integer >= 0, got {brief(self.warmup_steps)}")
+            out.append(("warmup_steps", f"expected an integer >= 0, got {brief(self.warmup_steps)}"))
         if self.epochs is not None:
             if isinstance(self.epochs, bool) or not isinstance(self.epochs, int) or self.epochs < 1:
-                out.append(f"{path}.epochs: expected an integer >= 1 or null, got {brief(self.epochs)}")
-            elif self.max_steps != DEFAULT_MAX_STEPS:
-                out.append(f"{path}.epochs: give max_steps or epochs, not both (max_steps is {brief(self.max_steps)}, "
-                           f"epochs {self.epochs})")
+                out.append(("epochs", f"expected an integer >= 1 or null, got {brief(self.epochs)}"))
+            elif self.max_steps is not None:
+                out.append(("epochs", f"give max_steps or epochs, not both (max_steps is {brief(self.max_steps)}, "
+                                      f"epochs {self.epochs})"))
         return out
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 @dataclass(frozen=True)
 class AdapterSettings:
+    """One trial's adapter: the spec's `adapter:` block (alpha, dropout, init) at the trial's rank."""
+
     rank: int = 16
     alpha: float = 32.0
     dropout: float = 0.0
@@ -95,30 +99,23 @@ class AdapterSettings:
     def scale(self) -> float:
         return self.alpha / self.rank if self.rank else 1.0
 
-    def problems(self, path: str = "adapter") -> list[str]:
-        out = []
-        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
-            out.append(f"{path}.rank: expected an integer >= 1, got {brief(self.rank)}")
-        if not isinstance(self.alpha, (int, float)) or self.alpha <= 0:
-            out.append(f"{path}.alpha: expected a number > 0, got {brief(self.alpha)}")
-        if not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
-            out.append(f"{path}.dropout: expected a number in [0, 1), got {brief(self.dropout)}")
-        if self.init not in INITS:
-            out.append(f"{path}.init: expected one of {list(INITS)}, got {brief(self.init)}")
-        return out
-
-
-DEFAULT_MAX_STEPS = TrainSettings.max_steps
-
 
 def steps_per_epoch(num_train: int, settings: TrainSettings, world_size: int) -> int:
     """Optimizer steps in one pass over `num_train` examples: every step takes micro_batch * workers * grad_accum."""
     return max(1, math.ceil(num_train / (settings.micro_batch_size * world_size * settings.grad_accum)))
 
 
-def with_epoch_steps(settings: TrainSettings, num_train: int, world_size: int) -> TrainSettings:
-    """`settings` with max_steps derived from `epochs` (unchanged when epochs is not set)."""
+def with_epoch_steps(settings: TrainSettings, num_train: int | None = None, world_size: int = 1) -> TrainSettings:
+    """`settings` with the max_steps it trains for: derived from `epochs` once `num_train` (the training set's
+    size) is known, else the max_steps set, else DEFAULT_MAX_STEPS. The one place that default applies.
+
+    With epochs and no `num_train` yet, max_steps stays None (unknown until the data is loaded). The result is
+    derived settings, not a spec: with epochs it holds both fields.
+    """
     if settings.epochs is None:
+        steps = DEFAULT_MAX_STEPS if settings.max_steps is None else settings.max_steps
+        return dataclasses.replace(settings, max_steps=steps)
+    if num_train is None:
         return settings
     return dataclasses.replace(settings, max_steps=steps_per_epoch(num_train, settings, world_size) * settings.epochs)
 
