@@ -24,7 +24,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 
 import ray
 import torch
@@ -37,6 +37,7 @@ from orchestrator.build_request import (  # noqa: F401  (the build's API: caller
     BuildResult,
 )
 from orchestrator.cache import BaseCache, BaseCacheKey, CacheCorruptError, CacheError, CacheForeignError
+from orchestrator.calibrate import calibration_record, gather_build_grams, put_grams
 from orchestrator.entry import (
     CONFIG_FILE,
     REST_FILE,
@@ -81,8 +82,9 @@ def plan_jobs(request: BuildRequest) -> tuple[list[MatrixJob], dict[str, tuple]]
     problems += [f"method: {method}"] if method else []
     if problems:
         raise BuildInputError("cannot build this base:\n  " + "\n  ".join(problems))
+    damping = None if request.calibration is None else request.calibration.damping
     jobs = [MatrixJob(m, None if request.plan is None else request.plan.spec_for(m), request.rank,
-                      request.effective_iters, request.method, request.seed) for m in modules]
+                      request.effective_iters, request.method, request.seed, damping=damping) for m in modules]
     jobs.sort(key=lambda j: (-shapes[j.module][0] * shapes[j.module][1], j.module))
     return jobs, shapes
 
@@ -155,15 +157,19 @@ def _build_locked(request, key, cache, manifest, jobs, shapes, actors, threads_p
     else:
         model_files = model_json_files(request.source)  # before Ray starts: a bad tokenizer fails fast
     connect(address)
-    pool = _start_actors(actors, threads_per_actor, len(jobs))
+    calibration = None
+    if request.calibration is not None:  # before the actors start: the driver runs the model once
+        calibration = gather_build_grams(request, [j.module for j in jobs], progress)
     bar = tqdm(total=len(jobs), desc=f"quantize {key.name}", unit="matrix", disable=not progress, file=sys.stderr)
+    pool = _ActorPool(_start_actors(actors, threads_per_actor, len(jobs)), bar, on_progress,
+                      put_grams(calibration.grams) if calibration else {})
     try:
         if manifest is None:
-            return _build_entry(request, key, cache, jobs, shapes, pool, bar, on_progress, shard_bytes, model_files)
-        return _build_factors(request, manifest, cache, jobs, pool, bar, on_progress)
+            return _build_entry(request, key, cache, jobs, shapes, pool, shard_bytes, model_files, calibration)
+        return _build_factors(request, manifest, cache, jobs, pool)
     finally:
         bar.close()
-        for actor in pool:
+        for actor in pool.actors:
             ray.kill(actor)
 
 
@@ -202,30 +208,40 @@ def _start_actors(actors: int | None, threads: int, n_jobs: int) -> list:
     return [worker.options(**options).remote(threads) for _ in range(actors)]
 
 
-def _run_jobs(source: ModelSource, jobs: list[MatrixJob], pool: list, bar, on_progress):
-    """Yield results as they come back, keeping at most two matrices in flight per actor."""
-    queue = list(reversed(jobs))
-    in_flight: dict[ray.ObjectRef, int] = {}
+@dataclass
+class _ActorPool:
+    """The build actors, the progress they report to, and the calibrated method's Gram matrices (object refs)."""
 
-    def submit(actor_index: int) -> None:
-        job = queue.pop()
-        weight = ray.put(source.read(job.module + ".weight"))
-        in_flight[pool[actor_index].quantize.remote(job, weight)] = actor_index
+    actors: list
+    bar: tqdm
+    on_progress: Callable[[int, int], None] | None
+    grams: dict = field(default_factory=dict)  # module -> ObjectRef of its input Gram matrix (cloq)
 
-    for i in range(min(len(jobs), 2 * len(pool))):
-        submit(i % len(pool))
-    done = 0
-    while in_flight:
-        ready, _ = ray.wait(list(in_flight), num_returns=1)
-        actor_index = in_flight.pop(ready[0])
-        result: MatrixResult = ray.get(ready[0])
-        if queue:
-            submit(actor_index)
-        done += 1
-        bar.update(1)
-        if on_progress:
-            on_progress(done, len(jobs))
-        yield result
+    def results(self, source: ModelSource, jobs: list[MatrixJob]):
+        """Yield results as they come back, keeping at most two matrices in flight per actor."""
+        queue = list(reversed(jobs))
+        in_flight: dict[ray.ObjectRef, int] = {}
+
+        def submit(actor_index: int) -> None:
+            job = queue.pop()
+            inputs = [ray.put(source.read(job.module + ".weight"))]
+            inputs += [self.grams[job.module]] if job.module in self.grams else []
+            in_flight[self.actors[actor_index].quantize.remote(job, *inputs)] = actor_index
+
+        for i in range(min(len(jobs), 2 * len(self.actors))):
+            submit(i % len(self.actors))
+        done = 0
+        while in_flight:
+            ready, _ = ray.wait(list(in_flight), num_returns=1)
+            actor_index = in_flight.pop(ready[0])
+            result: MatrixResult = ray.get(ready[0])
+            if queue:
+                submit(actor_index)
+            done += 1
+            self.bar.update(1)
+            if self.on_progress:
+                self.on_progress(done, len(jobs))
+            yield result
 
 
 def _shard_plan(jobs: list[MatrixJob], shapes: dict, shard_bytes: int) -> dict[str, int]:
@@ -241,7 +257,7 @@ def _shard_plan(jobs: list[MatrixJob], shapes: dict, shard_bytes: int) -> dict[s
     return out
 
 
-def _build_entry(request, key, cache, jobs, shapes, pool, bar, on_progress, shard_bytes, model_files) -> dict:
+def _build_entry(request, key, cache, jobs, shapes, pool, shard_bytes, model_files, calibration) -> dict:
     build_start = time.perf_counter()
     shard_of = _shard_plan(jobs, shapes, shard_bytes)
     remaining = Counter(shard_of.values())
@@ -251,7 +267,7 @@ def _build_entry(request, key, cache, jobs, shapes, pool, bar, on_progress, shar
     with cache.writer(key) as writer:
         for file, data in model_files.items():
             writer.add_json(file, data)
-        for result in _run_jobs(request.source, jobs, pool, bar, on_progress):
+        for result in pool.results(request.source, jobs):
             shard = shard_of[result.module]
             for name, tensor in result.tensors.items():
                 (factors if is_factor(name) else buffers[shard])[name] = tensor
@@ -264,13 +280,14 @@ def _build_entry(request, key, cache, jobs, shapes, pool, bar, on_progress, shar
         writer.add_file(REST_FILE, rest)
         if factors:
             writer.add_file(factor_file(request.rank), factors)
-        return writer.commit(_manifest_extra(request, matrices, time.perf_counter() - build_start, bool(factors)))
+        extra = _manifest_extra(request, matrices, time.perf_counter() - build_start, bool(factors))
+        return writer.commit({**extra, **calibration_record(request, calibration)})
 
 
-def _build_factors(request, manifest, cache, jobs, pool, bar, on_progress) -> dict:
+def _build_factors(request, manifest, cache, jobs, pool) -> dict:
     """Add LoftQ factors for another rank to a rank-independent (iters <= 1) base (we hold its lock)."""
     factors: dict[str, torch.Tensor] = {}
-    for result in _run_jobs(request.source, jobs, pool, bar, on_progress):
+    for result in pool.results(request.source, jobs):
         factors.update({k: v for k, v in result.tensors.items() if is_factor(k)})
     update = {"factor_ranks": sorted({*factor_ranks(manifest), request.rank})}
     return cache.add_files(manifest["name"], {factor_file(request.rank): factors}, update)
@@ -278,9 +295,12 @@ def _build_factors(request, manifest, cache, jobs, pool, bar, on_progress) -> di
 
 def _matrix_record(result: MatrixResult, shapes: dict, request: BuildRequest) -> dict:
     quant = request.label if request.plan is None else request.plan.spec_for(result.module).name
-    return {"shape": list(shapes[result.module]), "quant": quant, "quant_error": result.quant_error,
-            "errors": result.errors, "seconds": round(result.seconds, 4), "device": result.device,
-            "node": result.node}
+    record = {"shape": list(shapes[result.module]), "quant": quant, "quant_error": result.quant_error,
+              "errors": result.errors, "seconds": round(result.seconds, 4), "device": result.device,
+              "node": result.node}
+    if result.weight_error is not None:  # a calibrated method: `errors` are output errors, this the weight's
+        record["weight_error"] = result.weight_error
+    return record
 
 
 def _manifest_extra(request: BuildRequest, matrices: dict, seconds: float, has_factors: bool) -> dict:

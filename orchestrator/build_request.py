@@ -8,7 +8,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from orchestrator.cache import BaseCacheKey
-from workers.entry_format import FULL_PRECISION_BITS, FULL_PRECISION_DTYPE_NAME, FULL_PRECISION_METHOD
+from workers.calibration import CalibrationData
+from workers.entry_format import (
+    CALIBRATED_METHODS,
+    FULL_PRECISION_BITS,
+    FULL_PRECISION_DTYPE_NAME,
+    FULL_PRECISION_METHOD,
+)
 from workers.model_source import ModelSource
 from workers.quant_plan import QuantPlan
 
@@ -26,6 +32,8 @@ class BuildRequest:
 
     `plan` None with method 'lora' is the full-precision control (bits 16): its entry holds the target weights in
     bf16 (no codes, no factors, error 0), built through the same actors. `full_precision` makes one.
+    A calibrated method (cloq) needs `calibration`, the texts whose layer inputs weight its low-rank step; their
+    fingerprint is part of the key.
     """
 
     source: ModelSource
@@ -35,6 +43,13 @@ class BuildRequest:
     iters: int = 1
     targets: tuple[str, ...] = ("all-linear",)
     seed: int = 0
+    calibration: CalibrationData | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if (self.method in CALIBRATED_METHODS) != (self.calibration is not None):
+            needs = "needs calibration data (texts whose layer inputs weight its low-rank step)"
+            raise BuildInputError(f"calibration: method {self.method!r} " + (
+                needs if self.method in CALIBRATED_METHODS else f"takes none (only {list(CALIBRATED_METHODS)} do)"))
 
     @classmethod
     def full_precision(cls, source: ModelSource, *, rank: int = 16, targets: tuple[str, ...] = ("all-linear",),
@@ -61,7 +76,8 @@ class BuildRequest:
         quant = FULL_PRECISION_QUANT if self.plan is None else self.plan.to_dict()
         return BaseCacheKey(model=self.source.name, fingerprint=self.source.fingerprint, quant=quant,
                             quant_label=self.label, method=self.method, iters=self.effective_iters,
-                            rank=self.rank, targets=tuple(sorted(self.targets)))
+                            rank=self.rank, targets=tuple(sorted(self.targets)),
+                            calibration=None if self.calibration is None else self.calibration.key_fields())
 
     @property
     def stores_factors(self) -> bool:

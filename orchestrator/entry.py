@@ -105,15 +105,19 @@ def read_model_inputs(cache: BaseCache, name: str, *, rank: int = 0, init: str =
 
 
 def error_table(manifest: dict) -> str:
-    """Per layer type (layer index folded to '*'): matrices, mean plain-quantization and final LoftQ error."""
+    """Per layer type (layer index folded to '*'): matrices, mean plain-quantization and final LoftQ error; a
+    calibrated entry's errors are output errors (on its calibration inputs), followed by its weight error."""
     groups: dict[str, list[dict]] = {}
     for module, rec in manifest.get("matrices", {}).items():
         groups.setdefault(re.sub(r"\.\d+\.", ".*.", module), []).append(rec)
     width = max((len(k) for k in groups), default=10)
-    lines = [f"{'layer':<{width}} {'n':>3} {'quant':>9} {'qlora_err':>9} {'final_err':>9} {'ratio':>6}"]
+    calibrated = "calibration" in manifest
+    lines = [f"{'layer':<{width}} {'n':>3} {'quant':>9} {'qlora_err':>9} {'final_err':>9} {'ratio':>6}"
+             + (f" {'weight_err':>10}   (errors on the calibration inputs)" if calibrated else "")]
     for layer, recs in sorted(groups.items()):
         q = statistics.fmean(r["quant_error"] for r in recs)
         f = statistics.fmean(min(r["errors"]) if r["errors"] else r["quant_error"] for r in recs)
         ratio = f"{f / q:6.3f}" if q else f"{'-':>6}"  # the bf16 control has no error to reduce
-        lines.append(f"{layer:<{width}} {len(recs):>3} {recs[0]['quant']:>9} {q:9.5f} {f:9.5f} {ratio}")
+        weight = f" {statistics.fmean(r['weight_error'] for r in recs):10.5f}" if calibrated else ""
+        lines.append(f"{layer:<{width}} {len(recs):>3} {recs[0]['quant']:>9} {q:9.5f} {f:9.5f} {ratio}{weight}")
     return "\n".join(lines)

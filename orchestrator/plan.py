@@ -24,8 +24,9 @@ from dataclasses import asdict, dataclass, field, replace
 
 from orchestrator.build_request import BuildRequest
 from orchestrator.errors import Problem
-from orchestrator.spec import Adapter, JobSpec, Quantization, SpecError
-from workers.entry_format import FULL_PRECISION_BITS, FULL_PRECISION_METHOD
+from orchestrator.spec import Adapter, Calibration, JobSpec, Quantization, SpecError
+from workers.calibration import CalibrationData, CalibrationError, CalibrationSource, read_calibration
+from workers.entry_format import CALIBRATED_METHODS, FULL_PRECISION_BITS, FULL_PRECISION_METHOD, adapter_for
 from workers.model_source import ModelSource, open_model
 from workers.quant import QuantSpec
 from workers.quant_plan import Override, QuantPlan, max_rank
@@ -50,7 +51,7 @@ class Trial:
     seed: int  # training seed (grid repeats and random draws get their own)
     training: dict  # other swept training fields, e.g. {"warmup_steps": 10}
     base: str  # the cache entry it trains on
-    method: str | None = None  # how the base was made (loftq | qlora | qalora | lora); None in older run records
+    method: str | None = None  # how the base was made (entry_format.METHODS, or lora); None in older run records
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -182,12 +183,42 @@ def quant_plan(q: Quantization, bits: int, group_size: int) -> QuantPlan:
                      overrides=overrides)
 
 
-def build_request(q: Quantization, source: ModelSource, point: dict) -> BuildRequest:
-    """The base one sweep point trains on: a quantized one, or the bf16 base of the full-precision control."""
+def build_request(q: Quantization, source: ModelSource, point: dict,
+                  calibration: CalibrationData | None = None) -> BuildRequest:
+    """The base one sweep point trains on: a quantized one, or the bf16 base of the full-precision control.
+    `calibration` is the data of a calibrated method (cloq); other methods ignore it."""
     if point["bits"] == FULL_PRECISION_BITS:
         return BuildRequest.full_precision(source, rank=point["rank"], targets=tuple(q.targets))
+    calibrated = point["method"] in CALIBRATED_METHODS
     return BuildRequest(source, quant_plan(q, point["bits"], point["group_size"]), method=point["method"],
-                        rank=point["rank"], iters=q.iters, targets=tuple(q.targets))
+                        rank=point["rank"], iters=q.iters, targets=tuple(q.targets),
+                        calibration=calibration if calibrated else None)
+
+
+def calibration_source(spec: JobSpec) -> CalibrationSource:
+    """Where a calibrated method's texts come from: `quantization.calibration.file`, else the first task's
+    training rows (its evaluation rows held out: the split `load_task` makes)."""
+    c = spec.quantization.calibration or Calibration()
+    if c.file is not None:
+        return CalibrationSource(c.file, (c.column or "text",), c.samples, c.max_length)
+    task = spec.tasks[0].resolved()
+    if task.type == "prompt_answer":
+        columns = (task.prompt_column, task.answer_column)
+    else:
+        columns = tuple(column for column in (task.text_column, task.text_pair_column) if column)
+    holdout = None if task.eval_file else (task.eval_fraction, task.seed)
+    return CalibrationSource(task.train_file, columns, c.samples, c.max_length, task.csv_encoding, holdout)
+
+
+def read_spec_calibration(spec: JobSpec) -> CalibrationData:
+    """The calibration data of a spec; a SpecError naming the calibration field (or the task) it came from."""
+    try:
+        return read_calibration(calibration_source(spec))
+    except CalibrationError as exc:
+        given = spec.quantization.calibration is not None and spec.quantization.calibration.file is not None
+        field_name, message = str(exc).split(": ", 1)
+        path = f"quantization.{field_name}" if given else "tasks[0].train_file"
+        raise SpecError([Problem(path, message if given else f"calibration data for cloq: {message}")]) from None
 
 
 def make_plan(spec: JobSpec, work_dir: str) -> Plan:
@@ -209,10 +240,12 @@ def make_plan(spec: JobSpec, work_dir: str) -> Plan:
     if problems:
         raise SpecError(list(dict.fromkeys(problems)))
     repeated = spec.sweep.mode == "random" or spec.sweep.num_samples > 1
+    calibrated = any(p["method"] in CALIBRATED_METHODS and p["bits"] != FULL_PRECISION_BITS for p in points)
+    calibration = read_spec_calibration(spec) if calibrated else None
     trials, builds = [], {}
     for task in spec.tasks:
         for point in points:
-            request = build_request(q, source, point)
+            request = build_request(q, source, point, calibration)
             name = request.key().name
             builds.setdefault((name, point["rank"] if request.stores_factors else None), request)
             label = request.label
@@ -237,7 +270,7 @@ def _point_problems(q: Quantization, point: dict, shapes: dict[str, tuple]) -> l
     if out:
         return out[:3]  # the first few layers say it; every other layer of the model would repeat it
     rank_field = where.get("rank", "quantization.rank")
-    pooled = point["method"] == "qalora" and qp is not None  # QA-LoRA's A has in / group_size columns
+    pooled = adapter_for(point["method"]) == "qalora" and qp is not None  # QA-LoRA's A has in / group_size columns
     for module, shape in shapes.items():
         group_size = qp.spec_for(module).group_size if qp else None
         if point["rank"] > max_rank(shape, group_size, pooled):

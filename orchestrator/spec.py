@@ -31,6 +31,7 @@ from orchestrator.typed_yaml import (
     read_yaml_file,
     type_name,
 )
+from workers.calibration import DEFAULT_MAX_LENGTH, DEFAULT_SAMPLES
 from workers.entry_format import FULL_PRECISION_BITS, METHODS
 from workers.messages import SAFE_NAME, brief, clip, name_problem
 from workers.quant import ALLOWED_BITS, SCALE_DTYPES
@@ -54,6 +55,24 @@ def _at_least(path: str, value: Any, low: int) -> list[Problem]:
 class Mixed:
     first_layers: int = 0
     bits: int = 4
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """`quantization.calibration`: the texts a calibrated method (cloq) weights its low-rank step with. Left out,
+    or without `file`: the first task's training rows (prompt and answer for a prompt_answer task, else its text
+    columns), never its evaluation rows."""
+
+    file: str | None = None
+    column: str | None = None  # with `file`; default 'text'
+    samples: int = DEFAULT_SAMPLES
+    max_length: int = DEFAULT_MAX_LENGTH  # tokens per text
+
+    def problems(self, path: str) -> list[Problem]:
+        out = _at_least(f"{path}.samples", self.samples, 1) + _at_least(f"{path}.max_length", self.max_length, 1)
+        if self.column is not None and self.file is None:
+            out.append(Problem(f"{path}.column", "goes with calibration.file (a task's data has its own columns)"))
+        return out
 
 
 @dataclass(frozen=True)
@@ -94,6 +113,7 @@ class Quantization:
     targets: list[str] = field(default_factory=lambda: ["all-linear"])
     mixed: Mixed | None = None
     overrides: list[OverrideSpec] = field(default_factory=list)
+    calibration: Calibration | None = None  # method cloq only
 
     def problems(self, path: str = "quantization") -> list[Problem]:
         if self.kind not in ALLOWED_BITS:
@@ -109,6 +129,8 @@ class Quantization:
             out.append(Problem(f"{path}.targets", "expected at least one module pattern or 'all-linear'"))
         if self.mixed is not None:
             out += _at(f"{path}.mixed.bits", bits_problem(self.kind, self.mixed.bits))
+        if self.calibration is not None:
+            out += self.calibration.problems(f"{path}.calibration")
         for i, o in enumerate(self.overrides):
             if not o.pattern:
                 out.append(Problem(f"{path}.overrides[{i}].pattern", "expected a module name, suffix or glob"))
@@ -397,7 +419,7 @@ def absolute_local_paths(data: dict, *, expand_home: bool = True) -> dict:
         return isinstance(value, str) and os.path.isdir(os.path.expanduser(value))
 
     paths = {"tasks.*.train_file": data_file, "tasks.*.eval_file": data_file, "model": model_directory,
-             "cache.uri": lambda value: True}
+             "cache.uri": lambda value: True, "quantization.calibration.file": lambda value: True}
     return absolute_paths(data, paths, expand_home=expand_home)
 
 

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 from orchestrator.errors import Problem
 from orchestrator.typed_yaml import URI_SCHEME
-from workers.entry_format import FULL_PRECISION_BITS
+from workers.entry_format import CALIBRATED_METHODS, FULL_PRECISION_BITS, adapter_for
 from workers.messages import brief
 
 if TYPE_CHECKING:
@@ -52,7 +52,19 @@ def cross_field_problems(q: Quantization, sweep: Sweep, adapter: Adapter, tasks:
                                            f"stores none; use init 'qlora' or method 'loftq' with iters >= 1"))
     if only_full_precision(q, sweep):
         out += _full_precision_problems(q, sweep, adapter.init)
-    return out
+    return out + _calibration_problems(q, methods)
+
+
+def _calibration_problems(q: Quantization, methods: list[str]) -> list[Problem]:
+    """A calibrated method alternates at least once; calibration data serves only a calibrated method."""
+    calibrated = [m for m in methods if m in CALIBRATED_METHODS]
+    if calibrated and q.iters < 1:
+        return [Problem("quantization.iters", f"{calibrated[0]!r} alternates quantization with its weighted "
+                                              f"low-rank step at least once: expected >= 1, got {q.iters}")]
+    if q.calibration is not None and not calibrated:
+        return [Problem("quantization.calibration", f"only a calibrated method ({list(CALIBRATED_METHODS)}) uses "
+                                                    f"calibration data; the methods here are {methods}")]
+    return []
 
 
 def swept_methods(q: Quantization, sweep: Sweep) -> list[str]:
@@ -72,8 +84,9 @@ def _full_precision_problems(q: Quantization, sweep: Sweep, init: str | None) ->
     why = f"every trial is bits 16 ({where}: LoRA over the bf16 base)"
     fix = "or sweep quantized bits beside 16 in sweep.bits"
     out = []
-    if "qalora" in swept_methods(q, sweep):
-        out.append(Problem("quantization.method", f"'qalora' pools its adapter over INT quantization groups, but "
+    pooled = [m for m in swept_methods(q, sweep) if adapter_for(m) == "qalora"]
+    if pooled:
+        out.append(Problem("quantization.method", f"{pooled[0]!r} pools its adapter over INT quantization groups, but "
                                                   f"{why}, which has none; use method 'loftq' or 'qlora' (plain LoRA "
                                                   f"at bits 16), {fix}"))
     if sweep.method:

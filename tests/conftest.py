@@ -225,3 +225,18 @@ def quantized_entry(source, bits: int = 4, rank: int = 4) -> dict:
         else:
             tensors[name] = source.read(name)
     return tensors
+
+
+def dequantized_state_dict(tensors: dict, dtype=torch.float32) -> dict:
+    """A plain full-precision state dict: every quantized matrix dequantized back to `<module>.weight` (and every
+    full-precision control weight cast to `dtype`)."""
+    from workers.entry_format import fp_weight_name, full_precision_modules, is_plain, quantized_modules
+    from workers.quant import dequantize
+    from workers.surgery import quantized_tensor
+
+    out = {k: v for k, v in tensors.items() if is_plain(k)}
+    for module in quantized_modules(tensors):
+        out[f"{module}.weight"] = dequantize(quantized_tensor(tensors, module), dtype)
+    for module in full_precision_modules(tensors):
+        out[f"{module}.weight"] = tensors[fp_weight_name(module)].to(dtype)
+    return out

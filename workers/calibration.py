@@ -7,9 +7,10 @@ share one Gram matrix: it is computed once and the dict maps each of their names
 matrices are divided by the token count (cloq is invariant to their scale; the mean keeps float32 well inside
 its range).
 
-`CalibrationSource` names the data (a local file and a text column, the first `samples` rows); its
-`fingerprint` (of the texts read, their count and the token budget) goes into the cache key of a calibrated
-base, so another calibration set builds another base.
+`CalibrationSource` names the data (a local file, its text columns, the first `samples` rows);
+`read_calibration` turns it into `CalibrationData` (the texts and the token budget), whose `fingerprint` (of
+the texts, their count and the budget) goes into the cache key of a calibrated base: other calibration data
+builds another base.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from workers.cloq import DAMPING
 from workers.messages import brief, clip
 from workers.task_spec import FORMATS  # the files a task reads: the same ones
 
@@ -35,12 +37,34 @@ class CalibrationError(ValueError):
 
 @dataclass(frozen=True)
 class CalibrationSource:
-    """Where calibration texts come from: `file`'s column `column`, its first `samples` non-empty rows."""
+    """Where calibration texts come from: the first `samples` non-empty rows of `file`, each row's `columns`
+    joined by a space (a prompt -> answer task: prompt and answer, as training sees them)."""
 
     file: str
-    column: str = "text"
+    columns: tuple[str, ...] = ("text",)
     samples: int = DEFAULT_SAMPLES
     max_length: int = DEFAULT_MAX_LENGTH  # tokens per sample; longer texts are truncated
+    csv_encoding: str = "utf-8"
+    holdout: tuple[float, int] | None = None  # (eval_fraction, seed): skip the rows a task's split holds out
+
+
+@dataclass(frozen=True)
+class CalibrationData:
+    """The texts a calibrated base is built from, the token budget per text, and where they came from."""
+
+    texts: tuple[str, ...]
+    max_length: int = DEFAULT_MAX_LENGTH
+    origin: str = ""  # for the manifest: the file and columns
+    damping: float = DAMPING  # the weighted step's lambda, x mean(diag(X^T X)) (workers/cloq.py)
+
+    @property
+    def fingerprint(self) -> str:
+        return calibration_fingerprint(self.texts, self.max_length)
+
+    def key_fields(self) -> dict:
+        """What of it a cache key records: the fingerprint, the sample count, the token budget and the damping."""
+        return {"fingerprint": self.fingerprint, "samples": len(self.texts), "max_length": self.max_length,
+                "damping": self.damping}
 
 
 @dataclass(frozen=True)
@@ -53,11 +77,38 @@ class CalibrationGrams:
     fingerprint: str
 
 
-def read_calibration_texts(source: CalibrationSource) -> list[str]:
-    """The first `source.samples` non-empty texts of `source.column` in `source.file` (fewer if the file is shorter).
+def read_calibration(source: CalibrationSource) -> CalibrationData:
+    """The first `source.samples` non-empty texts of `source.file` (fewer if the file is shorter).
 
     CalibrationError (naming the file, and the column where it is the problem) for a missing or unreadable file,
     a missing column, non-text values, or no usable row."""
+    file = source.file
+    if not isinstance(source.samples, int) or source.samples < 1:
+        raise CalibrationError(f"calibration.samples: expected an integer >= 1, got {brief(source.samples)}")
+    if not isinstance(source.max_length, int) or source.max_length < 1:
+        raise CalibrationError(f"calibration.max_length: expected an integer >= 1, got {brief(source.max_length)}")
+    data = _read_rows(source)
+    rows = range(data.num_rows)
+    if source.holdout is not None:  # a task's training rows only (workers.tasks.split_indices), in file order
+        from workers.tasks import split_indices
+
+        rows = sorted(split_indices(data.num_rows, *source.holdout)[0])
+    texts = []
+    for row in rows:
+        parts = [_text_at(data, column, row, file) for column in source.columns]
+        text = " ".join(part for part in parts if part and part.strip())
+        if text.strip():
+            texts.append(text)
+            if len(texts) == source.samples:
+                break
+    if not texts:
+        raise CalibrationError(f"calibration.file: {clip(file, 300)} has no non-empty text in column(s) "
+                               f"{brief(list(source.columns))}")
+    return CalibrationData(tuple(texts), source.max_length, f"{file} [{', '.join(source.columns)}]")
+
+
+def _read_rows(source: CalibrationSource):
+    """The file as a datasets.Dataset, its columns checked."""
     import datasets
 
     file = source.file
@@ -66,29 +117,25 @@ def read_calibration_texts(source: CalibrationSource) -> list[str]:
         raise CalibrationError(f"calibration.file: {clip(file, 300)}: expected a {'/'.join(FORMATS)} file")
     if not os.path.isfile(file):
         raise CalibrationError(f"calibration.file: no such file {clip(file, 300)}")
-    if not isinstance(source.samples, int) or source.samples < 1:
-        raise CalibrationError(f"calibration.samples: expected an integer >= 1, got {brief(source.samples)}")
+    options = {"encoding": source.csv_encoding} if builder == "csv" else {}
     try:
-        data = datasets.load_dataset(builder, data_files=os.path.abspath(file), split="train")
+        data = datasets.load_dataset(builder, data_files=os.path.abspath(file), split="train", **options)
     except Exception as exc:  # a parse error deep inside datasets: say which file
         raise CalibrationError(f"calibration.file: cannot read {clip(file, 300)} as {builder}: "
                                f"{type(exc).__name__}: {clip(str(exc), 300)}") from exc
-    if source.column not in data.column_names:
-        raise CalibrationError(f"calibration.column: no column {brief(source.column)} in {clip(file, 300)}; "
-                               f"its columns are {brief(data.column_names, 300)}")
-    texts = []
-    for row, value in enumerate(data[source.column]):
-        if value is not None and not isinstance(value, str):
-            raise CalibrationError(f"calibration.column: {clip(file, 300)} row {row}: expected text in column "
-                                   f"{brief(source.column)}, got {type(value).__name__}")
-        if value and value.strip():
-            texts.append(value)
-            if len(texts) == source.samples:
-                break
-    if not texts:
-        raise CalibrationError(f"calibration.file: {clip(file, 300)} has no non-empty text in column "
-                               f"{brief(source.column)}")
-    return texts
+    for column in source.columns:
+        if column not in data.column_names:
+            raise CalibrationError(f"calibration.column: no column {brief(column)} in {clip(file, 300)}; "
+                                   f"its columns are {brief(data.column_names, 300)}")
+    return data
+
+
+def _text_at(data, column: str, row: int, file: str) -> str | None:
+    value = data[row][column]
+    if value is not None and not isinstance(value, str):
+        raise CalibrationError(f"calibration.column: {clip(file, 300)} row {row}: expected text in column "
+                               f"{brief(column)}, got {type(value).__name__}")
+    return value
 
 
 def calibration_fingerprint(texts: Sequence[str], max_length: int) -> str:

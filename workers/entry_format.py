@@ -16,8 +16,12 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import TypeVar
 
-METHOD_ADAPTER = {"loftq": "lora", "qlora": "lora", "qalora": "qalora"}  # method -> the adapter it trains
+# method -> the adapter it trains. cloq: LoftQ's alternation with the low-rank step weighted by calibration inputs
+# (workers/cloq.py); its entry has the same layout as LoftQ's, its key and manifest record the calibration data.
+# qalora-cloq: QA-LoRA (pooled adapter, INT only) with that calibrated initialization.
+METHOD_ADAPTER = {"loftq": "lora", "qlora": "lora", "qalora": "qalora", "cloq": "lora", "qalora-cloq": "qalora"}
 METHODS = tuple(METHOD_ADAPTER)  # the methods of a quantized base
+CALIBRATED_METHODS = ("cloq", "qalora-cloq")  # the methods that need calibration data (each layer's input Gram)
 
 # The full-precision control (DESIGN.md): `bits: 16` is plain LoRA over the bf16 base. Its entry keeps each target's
 # weight in bf16 under `<module>.fpweight`; quantizer kind, group size and method do not apply to it.

@@ -1,4 +1,6 @@
-"""What one build actor does: LoftQ-quantize the matrices it is handed, on its GPU if it has one.
+"""What one build actor does: LoftQ-quantize the matrices it is handed, on its GPU if it has one (or, for a
+calibrated method such as cloq, the same alternation with the low-rank step weighted by the layer's input Gram
+matrix, which the driver gathered and hands over with the weight).
 
 The orchestrator wraps `MatrixWorker` in `ray.remote`; nothing here needs Ray (outside Ray, a result's `node`
 is empty). Results are plain tensors named as they are stored in a cache entry (workers/entry_format.py):
@@ -15,9 +17,17 @@ from dataclasses import dataclass, field
 
 import torch
 
-from workers.entry_format import FULL_PRECISION_DTYPE_NAME, adapter_for, factor_names, fp_weight_name, qweight_tensors
-from workers.loftq import loftq_init
-from workers.quant import QuantSpec
+from workers.cloq import calibrated_init
+from workers.entry_format import (
+    CALIBRATED_METHODS,
+    FULL_PRECISION_DTYPE_NAME,
+    adapter_for,
+    factor_names,
+    fp_weight_name,
+    qweight_tensors,
+)
+from workers.loftq import adapter_delta, loftq_init
+from workers.quant import QuantSpec, dequantize
 
 FULL_PRECISION_DTYPE = getattr(torch, FULL_PRECISION_DTYPE_NAME)
 
@@ -31,6 +41,7 @@ class MatrixJob:
     method: str = "loftq"
     seed: int = 0
     want_base: bool = True  # False: only the LoRA factors (another rank for a rank-independent base)
+    damping: float | None = None  # a calibrated method's lambda (x mean diag of the Gram matrix)
 
     @property
     def matrix_seed(self) -> int:
@@ -43,10 +54,11 @@ class MatrixResult:
     module: str
     tensors: dict[str, torch.Tensor]
     quant_error: float
-    errors: list[float] = field(default_factory=list)
+    errors: list[float] = field(default_factory=list)  # cloq: output (weighted) errors, see workers/cloq.py
     seconds: float = 0.0
     device: str = "cpu"
     node: str = ""  # the Ray node that ran it (provenance for the manifest; never part of the cache key)
+    weight_error: float | None = None  # a calibrated method's ||W - Q - BA|| / ||W|| (its `errors` are weighted)
 
 
 class MatrixWorker:
@@ -61,14 +73,14 @@ class MatrixWorker:
         return {"pid": os.getpid(), "device": str(self.device), "threads": torch.get_num_threads(),
                 "node": self.node}
 
-    def quantize(self, job: MatrixJob, weight: torch.Tensor) -> MatrixResult:
+    def quantize(self, job: MatrixJob, weight: torch.Tensor, gram: torch.Tensor | None = None) -> MatrixResult:
+        """Quantize one matrix as `job` says; `gram` is its input Gram matrix, which a calibrated method needs."""
         start = time.perf_counter()
         if job.spec is None:  # the bf16 control: the weight as it is trained on, exactly (error 0)
             name = fp_weight_name(job.module)
             tensors = {name: weight.to(FULL_PRECISION_DTYPE).contiguous()} if job.want_base else {}
             return MatrixResult(job.module, tensors, 0.0, [], time.perf_counter() - start, "cpu", self.node)
-        res = loftq_init(weight.to(self.device), job.spec, job.rank, job.iters, scale=1.0,
-                         adapter=adapter_for(job.method), seed=job.matrix_seed)
+        res, weight_error = self._initialize(job, weight.to(self.device), gram)
         tensors: dict[str, torch.Tensor] = {}
         if job.want_base:
             parts = {part: t.cpu().contiguous() for part, t in res.quantized.state_dict().items()}
@@ -77,7 +89,22 @@ class MatrixWorker:
             name_a, name_b = factor_names(job.module)
             tensors[name_a], tensors[name_b] = res.lora_A.cpu().contiguous(), res.lora_B.cpu().contiguous()
         return MatrixResult(job.module, tensors, res.quant_error, res.errors, time.perf_counter() - start,
-                            str(self.device), self.node)
+                            str(self.device), self.node, weight_error)
+
+    def _initialize(self, job: MatrixJob, weight: torch.Tensor, gram: torch.Tensor | None):
+        """(LoftQResult, unweighted error or None): LoftQ, or the calibrated step when the method has one."""
+        if job.method not in CALIBRATED_METHODS:
+            return loftq_init(weight, job.spec, job.rank, job.iters, scale=1.0, adapter=adapter_for(job.method),
+                              seed=job.matrix_seed), None
+        if gram is None:
+            raise ValueError(f"{job.module}: method {job.method!r} needs the layer's input Gram matrix")
+        adapter = adapter_for(job.method)
+        res = calibrated_init(weight, gram.to(weight.device), job.spec, job.rank, job.iters, scale=1.0,
+                              svd="randomized", adapter=adapter, damping=job.damping, seed=job.matrix_seed)
+        approx = dequantize(res.quantized).float() + adapter_delta(res.lora_A, res.lora_B, res.scale, adapter,
+                                                                   job.spec.group_size)
+        w = weight.float()
+        return res, (torch.linalg.vector_norm(w - approx) / torch.linalg.vector_norm(w)).item()
 
 
 def _ray_node_id() -> str:

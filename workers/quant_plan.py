@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from workers.entry_format import adapter_for
 from workers.messages import brief
 from workers.model_source import layer_index, module_matches
 from workers.quant import ALLOWED_BITS, QuantSpec
@@ -31,8 +32,8 @@ def bits_problem(kind: str, bits: Any) -> str | None:
 
 def method_problem(method: str, kind: str) -> str | None:
     """The problem with building a base with `method` over quantizer `kind`, if any: QA-LoRA only over INT."""
-    if method == "qalora" and kind != "int":
-        return f"'qalora' needs kind 'int' (it merges into INT zero points), got {kind!r}"
+    if adapter_for(method) == "qalora" and kind != "int":
+        return f"{method!r} needs kind 'int' (its QA-LoRA adapter merges into INT zero points), got {kind!r}"
     return None
 
 

@@ -218,16 +218,3 @@ def _named_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
 def _nan_like(t: torch.Tensor) -> torch.Tensor:
     fill = float("nan") if t.dtype.is_floating_point else 0
     return torch.full(t.shape, fill, dtype=t.dtype, device="cpu")
-
-
-def dequantized_state_dict(tensors: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32) -> dict:
-    """A plain full-precision state dict: every quantized matrix dequantized back to `<module>.weight` (and every
-    full-precision control weight cast to `dtype`)."""
-    from workers.quant import dequantize
-
-    out = {k: v for k, v in tensors.items() if is_plain(k)}
-    for module in quantized_modules(tensors):
-        out[f"{module}.weight"] = dequantize(quantized_tensor(tensors, module), dtype)
-    for module in full_precision_modules(tensors):
-        out[f"{module}.weight"] = tensors[fp_weight_name(module)].to(dtype)
-    return out

@@ -19,13 +19,14 @@ from dataclasses import dataclass
 import torch
 
 from workers.checkpoint import load_checkpoint, save_checkpoint
+from workers.entry_format import is_plain
 from workers.evaluate import evaluate, quiet_generator
 from workers.lm_loss import use_chunked_loss
 from workers.malloc_tuning import pin_malloc_thresholds
 from workers.model_files import write_tokenizer_files
 from workers.qlayers import LORA_LAYERS
 from workers.shared_tensors import from_shared
-from workers.surgery import apply_quantized_base, empty_parameters, init_missing, is_plain
+from workers.surgery import apply_quantized_base, empty_parameters, init_missing
 from workers.train_settings import AdapterSettings, TrainSettings, deepspeed_config, lr_multiplier, with_epoch_steps
 from workers.trial_run import TrialRun
 

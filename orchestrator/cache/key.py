@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from orchestrator.cache.errors import check_name, is_int
-from workers.entry_format import ALL_METHODS, FULL_PRECISION_METHOD
+from workers.entry_format import ALL_METHODS, CALIBRATED_METHODS, FULL_PRECISION_METHOD
 
 FORMAT_VERSION = 1
 
@@ -28,6 +28,9 @@ class BaseCacheKey:
     rank: int | None  # normalized to None when iters <= 1: the base does not depend on the rank then
     targets: tuple[str, ...]  # target module patterns, normalized to sorted and unique
     format_version: int = FORMAT_VERSION
+    # a calibrated method's data ({"fingerprint", "samples", "max_length"}: CalibrationData.key_fields); None for
+    # the other methods, whose digests (and so every existing entry's name) stay as they were without the field
+    calibration: dict | None = None
 
     def __post_init__(self) -> None:
         for field_name in ("model", "fingerprint", "quant_label"):
@@ -45,6 +48,7 @@ class BaseCacheKey:
             raise ValueError(f"format_version: expected an int, got {self.format_version!r}")
         if self.iters > 1 and (not is_int(self.rank) or self.rank < 0):
             raise ValueError(f"rank: expected an int >= 0 when iters > 1, got {self.rank!r}")
+        _check_calibration(self.method, self.calibration)
         # Frozen dataclass: normalized values are set through object.__setattr__.
         object.__setattr__(self, "rank", self.rank if self.iters > 1 else None)
         object.__setattr__(self, "quant", _canonical_quant(self.quant))
@@ -55,9 +59,12 @@ class BaseCacheKey:
 
     def fields(self) -> dict[str, Any]:
         """All fields as a canonical JSON-able dict (a fresh copy)."""
-        return {"model": self.model, "fingerprint": self.fingerprint, "quant": copy.deepcopy(self.quant),
-                "quant_label": self.quant_label, "method": self.method, "iters": self.iters, "rank": self.rank,
-                "targets": list(self.targets), "format_version": self.format_version}
+        fields = {"model": self.model, "fingerprint": self.fingerprint, "quant": copy.deepcopy(self.quant),
+                  "quant_label": self.quant_label, "method": self.method, "iters": self.iters, "rank": self.rank,
+                  "targets": list(self.targets), "format_version": self.format_version}
+        if self.calibration is not None:
+            fields["calibration"] = dict(self.calibration)
+        return fields
 
     @property
     def digest(self) -> str:
@@ -79,6 +86,25 @@ def name_of(key_or_name: BaseCacheKey | str) -> str:
     if isinstance(key_or_name, BaseCacheKey):
         return key_or_name.name
     return check_name(key_or_name, "entry name")
+
+
+def _check_calibration(method: str, calibration: object) -> None:
+    if method not in CALIBRATED_METHODS:
+        if calibration is not None:
+            raise ValueError(f"calibration: only a calibrated method ({list(CALIBRATED_METHODS)}) has calibration "
+                             f"data; method {method!r} got {calibration!r}")
+        return
+    if not isinstance(calibration, dict) or set(calibration) != {"fingerprint", "samples", "max_length", "damping"}:
+        raise ValueError(f"calibration: method {method!r} needs {{fingerprint, samples, max_length, damping}}, "
+                         f"got {calibration!r}")
+    if not (isinstance(calibration["fingerprint"], str) and re.fullmatch(r"[0-9a-f]{64}", calibration["fingerprint"])):
+        raise ValueError(f"calibration.fingerprint: expected a sha256 hex digest, got {calibration['fingerprint']!r}")
+    for name in ("samples", "max_length"):
+        if not is_int(calibration[name]) or calibration[name] < 1:
+            raise ValueError(f"calibration.{name}: expected an int >= 1, got {calibration[name]!r}")
+    damping = calibration["damping"]
+    if isinstance(damping, bool) or not isinstance(damping, int | float) or not damping > 0:
+        raise ValueError(f"calibration.damping: expected a number > 0, got {damping!r}")
 
 
 def _canonical_quant(quant: object) -> dict:

@@ -13,6 +13,7 @@ import psutil
 import pytest
 import torch
 import transformers
+from conftest import dequantized_state_dict
 
 from orchestrator.build import BuildInputError, BuildRequest, describe_entry, ensure_base
 from orchestrator.cache import BaseCache
@@ -20,7 +21,7 @@ from orchestrator.entry import entry_tokenizer_files, error_table, load_entry_te
 from workers.model_source import ModelSource, materialize_tiny
 from workers.quant import QuantSpec
 from workers.quant_plan import Override, QuantPlan
-from workers.surgery import apply_quantized_base, dequantized_state_dict
+from workers.surgery import apply_quantized_base
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 

@@ -8,7 +8,8 @@ import os
 import pytest
 from conftest import loftune
 
-from orchestrator.cli import _quantization, build_parser
+from orchestrator.cli import build_parser
+from orchestrator.cli_bases import _quantization
 from orchestrator.spec import Mixed, Quantization
 
 

@@ -13,7 +13,7 @@ from workers.calibration import (
     CalibrationSource,
     calibration_fingerprint,
     gather_grams,
-    read_calibration_texts,
+    read_calibration,
 )
 from workers.cloq import calibrated_init
 from workers.loftq import adapter_delta, loftq_init
@@ -114,8 +114,25 @@ def write_rows(path, rows) -> str:
 
 def test_reading_texts_takes_the_first_non_empty_rows(tmp_path):
     file = write_rows(tmp_path / "c.jsonl", [{"text": t, "n": i} for i, t in enumerate(["a", "", "  ", "b", "c"])])
-    assert read_calibration_texts(CalibrationSource(file, "text", samples=2)) == ["a", "b"]
-    assert read_calibration_texts(CalibrationSource(file, "text", samples=100)) == ["a", "b", "c"]
+    two = read_calibration(CalibrationSource(file, ("text",), samples=2, max_length=64))
+    assert two.texts == ("a", "b") and two.max_length == 64 and file in two.origin
+    assert read_calibration(CalibrationSource(file, samples=100)).texts == ("a", "b", "c")
+    assert two.key_fields() == {"fingerprint": calibration_fingerprint(["a", "b"], 64), "samples": 2,
+                                "max_length": 64, "damping": 1.0}
+
+
+def test_columns_are_joined_as_training_sees_a_prompt_and_its_answer(tmp_path):
+    rows = [{"q": "what is 2 plus 3?", "a": "5"}, {"q": "", "a": ""}, {"q": "hi", "a": None}]
+    data = read_calibration(CalibrationSource(write_rows(tmp_path / "qa.jsonl", rows), ("q", "a")))
+    assert data.texts == ("what is 2 plus 3? 5", "hi")
+
+
+def test_a_latin1_csv_reads_with_its_encoding(tmp_path):
+    path = tmp_path / "t.csv"
+    path.write_bytes("text,label\ncaf\xe9 au lait,1\n".encode("latin-1"))
+    assert read_calibration(CalibrationSource(str(path), csv_encoding="latin-1")).texts == ("café au lait",)
+    with pytest.raises(CalibrationError, match="calibration.file: cannot read"):
+        read_calibration(CalibrationSource(str(path)))
 
 
 @pytest.mark.parametrize("case, field", [("missing", "calibration.file"), ("suffix", "calibration.file"),
@@ -127,8 +144,8 @@ def test_an_unusable_calibration_file_names_it(tmp_path, case, field):
     source = {
         "missing": CalibrationSource(str(tmp_path / "nowhere.jsonl")),
         "suffix": CalibrationSource(str(tmp_path / "data.txt")),
-        "column": CalibrationSource(good, "prompt"),
-        "numbers": CalibrationSource(write_rows(tmp_path / "numbers.jsonl", [{"text": 3}]), "text"),
+        "column": CalibrationSource(good, ("prompt",)),
+        "numbers": CalibrationSource(write_rows(tmp_path / "numbers.jsonl", [{"text": 3}])),
         "empty": CalibrationSource(write_rows(tmp_path / "blank.jsonl", [{"text": ""}])),
         "broken": CalibrationSource(str(tmp_path / "broken.jsonl")),
         "samples": CalibrationSource(good, samples=0),
@@ -136,7 +153,7 @@ def test_an_unusable_calibration_file_names_it(tmp_path, case, field):
     if case == "broken":
         (tmp_path / "broken.jsonl").write_text('{"text": "a"\nnot json\n')
     with pytest.raises(CalibrationError) as info:
-        read_calibration_texts(source)
+        read_calibration(source)
     message = str(info.value)
     assert message.startswith(field)
     if case != "samples":
@@ -151,3 +168,12 @@ def test_the_fingerprint_covers_texts_order_count_and_length():
     others = [calibration_fingerprint(["a", "bc"], 512), calibration_fingerprint(["c", "ab"], 512),
               calibration_fingerprint(["ab"], 512), calibration_fingerprint(["ab", "c"], 256)]
     assert len({base, *others}) == 5
+
+
+def test_a_holdout_skips_the_rows_a_task_evaluates_on(tmp_path):
+    from workers.tasks import split_indices
+
+    file = write_rows(tmp_path / "t.jsonl", [{"text": f"row {i}"} for i in range(20)])
+    data = read_calibration(CalibrationSource(file, samples=100, holdout=(0.25, 3)))
+    train, held = split_indices(20, 0.25, 3)
+    assert data.texts == tuple(f"row {i}" for i in sorted(train)) and len(held) == 5

@@ -100,3 +100,41 @@ def test_a_singular_gram_gets_more_damping_and_a_broken_one_is_an_error():
         calibrated_init(w, bad, NF2, rank=4, iters=1)
     with pytest.raises(ValueError, match="expected \\[in, in\\]"):
         calibrated_init(w, torch.eye(32), NF2, rank=4, iters=1)
+
+
+INT2 = QuantSpec("int", 2, 8)
+
+
+def pooled_approx(result) -> torch.Tensor:
+    return dequantize(result.quantized) + adapter_delta(result.lora_A, result.lora_B, result.scale, "qalora",
+                                                        result.quantized.spec.group_size)
+
+
+def test_the_pooled_qalora_step_beats_loftqs_and_keeps_qalora_shapes():
+    w, x = layer()
+    cloq = calibrated_init(w, x.T @ x, INT2, rank=4, iters=1, adapter="qalora", damping=1e-6, scale=2.0)
+    loftq = loftq_init(w, INT2, rank=4, iters=1, svd="exact", adapter="qalora", scale=2.0)
+    assert cloq.adapter == "qalora" and cloq.lora_A.shape == (4, 64 // 8) and cloq.lora_B.shape == (48, 4)
+    assert torch.equal(cloq.quantized.codes(), loftq.quantized.codes())  # iters 1: the same Q, plain quantization
+    assert output_error(w, pooled_approx(cloq), x) < output_error(w, pooled_approx(loftq), x)
+    assert cloq.errors[0] == pytest.approx(output_error(w, pooled_approx(cloq), x), rel=1e-3)
+
+
+def test_at_full_rank_the_pooled_step_is_the_weighted_least_squares_solution():
+    """With every group as a rank, the best group-constant correction M G solves min ||(E - M G) X^T||: lstsq."""
+    w, x = layer(out_f=12, in_f=32, n=256, seed=2)
+    groups = 32 // 8
+    result = calibrated_init(w, x.T @ x, INT2, rank=groups, iters=1, adapter="qalora", damping=0.0)
+    residual = w - dequantize(result.quantized)
+    pooled_inputs = x.reshape(256, groups, 8).sum(-1)  # X G^T: what the group-constant correction multiplies
+    m = torch.linalg.lstsq(pooled_inputs.double(), (residual @ x.T).T.double()).solution.T.float()
+    best = dequantize(result.quantized) + m.repeat_interleave(8, dim=1)
+    assert output_error(w, pooled_approx(result), x) == pytest.approx(output_error(w, best, x), rel=1e-4)
+
+
+def test_the_pooled_step_needs_int_and_a_rank_its_groups_hold():
+    w, x = layer()
+    with pytest.raises(ValueError, match="adapter='qalora' needs kind='int'"):
+        calibrated_init(w, x.T @ x, NF2, rank=4, iters=1, adapter="qalora")
+    with pytest.raises(ValueError, match="rank 9 exceeds"):
+        calibrated_init(w, x.T @ x, INT2, rank=9, iters=1, adapter="qalora")

@@ -14,6 +14,7 @@ import os
 import pytest
 import torch
 import transformers
+from conftest import dequantized_state_dict
 from safetensors.torch import load_file
 from torch import nn
 
@@ -21,6 +22,9 @@ from workers.entry_format import (
     adapter_for,
     factor_names,
     fp_weight_name,
+    full_precision_modules,
+    is_plain,
+    quantized_modules,
     qweight_names,
     qweight_parts,
     qweight_tensors,
@@ -31,13 +35,9 @@ from workers.qlayers import FullPrecisionLoraLinear, QuantLoraLinear
 from workers.quant import QuantSpec, dequantize
 from workers.surgery import (
     apply_quantized_base,
-    dequantized_state_dict,
     empty_parameters,
-    full_precision_modules,
     init_missing,
-    is_plain,
     load_plain_tensors,
-    quantized_modules,
     quantized_tensor,
 )
 
