@@ -87,6 +87,42 @@ def layer_type(module: str) -> str:
     return module.rsplit(".", 1)[-1]
 
 
+def compare_at(bits, args, source, cache, calibration, inputs, fp32, tokenizer, eval_texts, losses) -> list[dict]:
+    """Build the QLoRA, LoftQ and cloq bases at `bits`; their start losses (into `losses`) and error rows."""
+    from orchestrator.build import BuildRequest, ensure_base
+    from orchestrator.entry import load_entry_tensors
+    from workers.quant import QuantSpec
+    from workers.quant_plan import QuantPlan
+
+    rows = []
+    plan = QuantPlan(QuantSpec("nf", bits, 64))
+    errors, seconds = {}, {}
+    for method in ("qlora", "loftq", "cloq"):
+        request = BuildRequest(source, plan, method=method, rank=args.rank, iters=args.iters,
+                               calibration=calibration if method == "cloq" else None)
+        start = time.perf_counter()
+        result = ensure_base(request, cache, progress=False)
+        seconds[method] = result.manifest["build_seconds"] if result.built else time.perf_counter() - start
+        tensors = load_entry_tensors(cache, result.name, rank=args.rank if method != "qlora" else None)
+        losses[f"nf{bits}-{method}"] = start_loss(fp32, tokenizer, eval_texts, tensors)
+        print(f"start loss NF{bits} {method} {losses[f'nf{bits}-{method}']:.3f}", flush=True)
+        if method != "qlora":
+            errors[method] = {where: output_errors(source, cache, result.name, grams, args.rank)
+                              for where, grams in inputs.items()}
+    for kind in sorted({layer_type(m) for m in errors["loftq"]["held_out"]}):
+        row = {"bits": bits, "layer": kind, "build_seconds": seconds}
+        for where in inputs:
+            mean = {method: statistics.fmean(e for m, e in errors[method][where].items() if layer_type(m) == kind)
+                    for method in errors}
+            row[where] = {**mean, "ratio": mean["cloq"] / mean["loftq"]}
+        rows.append(row)
+        print(f"NF{bits} {kind:<10} calibration: LoftQ {row['calibration']['loftq']:.4f} cloq "
+              f"{row['calibration']['cloq']:.4f} ({row['calibration']['ratio']:.3f})   held out: LoftQ "
+              f"{row['held_out']['loftq']:.4f} cloq {row['held_out']['cloq']:.4f} ({row['held_out']['ratio']:.3f})",
+              flush=True)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--bits", type=int, nargs="+", default=[2, 4])
@@ -99,14 +135,10 @@ def main() -> None:
 
     import transformers
 
-    from orchestrator.build import BuildRequest, ensure_base
     from orchestrator.cache import BaseCache
     from orchestrator.calibrate import load_full_precision_model
-    from orchestrator.entry import load_entry_tensors
     from workers.calibration import CalibrationData, gather_grams
     from workers.model_source import open_model
-    from workers.quant import QuantSpec
-    from workers.quant_plan import QuantPlan
 
     cache = BaseCache(args.cache)
     source = open_model("smollm2-135m", os.path.join(tempfile.gettempdir(), "loftune-bench-models"))
@@ -124,31 +156,7 @@ def main() -> None:
     print(f"start loss bf16 {losses['bf16']:.3f}", flush=True)
     rows = []
     for bits in args.bits:
-        plan = QuantPlan(QuantSpec("nf", bits, 64))
-        errors, seconds = {}, {}
-        for method in ("qlora", "loftq", "cloq"):
-            request = BuildRequest(source, plan, method=method, rank=args.rank, iters=args.iters,
-                                   calibration=calibration if method == "cloq" else None)
-            start = time.perf_counter()
-            result = ensure_base(request, cache, progress=False)
-            seconds[method] = result.manifest["build_seconds"] if result.built else time.perf_counter() - start
-            tensors = load_entry_tensors(cache, result.name, rank=args.rank if method != "qlora" else None)
-            losses[f"nf{bits}-{method}"] = start_loss(fp32, tokenizer, eval_texts, tensors)
-            print(f"start loss NF{bits} {method} {losses[f'nf{bits}-{method}']:.3f}", flush=True)
-            if method != "qlora":
-                errors[method] = {where: output_errors(source, cache, result.name, grams, args.rank)
-                                  for where, grams in inputs.items()}
-        for kind in sorted({layer_type(m) for m in targets}):
-            row = {"bits": bits, "layer": kind, "build_seconds": seconds}
-            for where in inputs:
-                mean = {method: statistics.fmean(e for m, e in errors[method][where].items() if layer_type(m) == kind)
-                        for method in errors}
-                row[where] = {**mean, "ratio": mean["cloq"] / mean["loftq"]}
-            rows.append(row)
-            print(f"NF{bits} {kind:<10} calibration: LoftQ {row['calibration']['loftq']:.4f} cloq "
-                  f"{row['calibration']['cloq']:.4f} ({row['calibration']['ratio']:.3f})   held out: LoftQ "
-                  f"{row['held_out']['loftq']:.4f} cloq {row['held_out']['cloq']:.4f} ({row['held_out']['ratio']:.3f})",
-                  flush=True)
+        rows += compare_at(bits, args, source, cache, calibration, inputs, fp32, tokenizer, eval_texts, losses)
     with open(args.out, "w") as f:
         json.dump({"model": "smollm2-135m", "rank": args.rank, "iters": args.iters, "samples": args.samples,
                    "start_loss": losses, "rows": rows}, f, indent=1)

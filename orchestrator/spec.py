@@ -16,11 +16,21 @@ import json
 import math
 import os
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from orchestrator import spec_rules
 from orchestrator.errors import Problem, SpecError
+from orchestrator.spec_quantization import (  # noqa: F401  (the spec's sections, importable from here)
+    Calibration,
+    Mixed,
+    OverrideSpec,
+    Quantization,
+    at_least,
+    at_path,
+    bits_problems,
+    method_problems,
+)
 from orchestrator.spec_rules import metric_for  # noqa: F401  (its old home: the sweep, results and plots)
 from orchestrator.typed_yaml import (
     INVALID,
@@ -31,112 +41,13 @@ from orchestrator.typed_yaml import (
     read_yaml_file,
     type_name,
 )
-from workers.calibration import DEFAULT_MAX_LENGTH, DEFAULT_SAMPLES
-from workers.entry_format import FULL_PRECISION_BITS, METHODS
 from workers.messages import SAFE_NAME, brief, clip, name_problem
-from workers.quant import ALLOWED_BITS, SCALE_DTYPES
-from workers.quant_plan import bits_problem, method_problem
+from workers.quant import ALLOWED_BITS
 from workers.train_settings import DEFAULT_MAX_STEPS, INITS, AdapterSettings, TrainSettings, with_epoch_steps
 
 RUN_NAME = SAFE_NAME  # the spec's name names the run directory: one safe path component (`name_problem`)
 SWEEP_MODES = ("grid", "random")
 SCHEDULERS = ("fifo", "asha")
-
-
-def _at(path: str, problem: str | None) -> list[Problem]:
-    return [Problem(path, problem)] if problem else []
-
-
-def _at_least(path: str, value: Any, low: int) -> list[Problem]:
-    return [] if value is None or value >= low else [Problem(path, f"expected an integer >= {low}, got {brief(value)}")]
-
-
-@dataclass(frozen=True)
-class Mixed:
-    first_layers: int = 0
-    bits: int = 4
-
-
-@dataclass(frozen=True)
-class Calibration:
-    """`quantization.calibration`: the texts a calibrated method (cloq) weights its low-rank step with. Left out,
-    or without `file`: the first task's training rows (prompt and answer for a prompt_answer task, else its text
-    columns), never its evaluation rows."""
-
-    file: str | None = None
-    column: str | None = None  # with `file`; default 'text'
-    samples: int = DEFAULT_SAMPLES
-    max_length: int = DEFAULT_MAX_LENGTH  # tokens per text
-
-    def problems(self, path: str) -> list[Problem]:
-        out = _at_least(f"{path}.samples", self.samples, 1) + _at_least(f"{path}.max_length", self.max_length, 1)
-        if self.column is not None and self.file is None:
-            out.append(Problem(f"{path}.column", "goes with calibration.file (a task's data has its own columns)"))
-        return out
-
-
-@dataclass(frozen=True)
-class OverrideSpec:
-    pattern: str = ""
-    bits: int | None = None
-    group_size: int | None = None
-
-
-def method_problems(path: str, kind: str, method: Any) -> list[Problem]:
-    """A quantization method: one of METHODS, and one the quantizer kind allows (`method_problem`)."""
-    if method not in METHODS:
-        return [Problem(path, f"expected one of {list(METHODS)}, got {brief(method)}")]
-    return _at(path, method_problem(method, kind))
-
-
-def bits_problems(where: str, kind: str, bits: Any) -> list[Problem]:
-    """The problem with a trial's `bits` (quantization.bits, sweep.bits[i]), if any: it must be one of the kind's
-    bits, or 16 (the full-precision control: LoRA over the bf16 base)."""
-    if bits == FULL_PRECISION_BITS or bits in ALLOWED_BITS[kind]:
-        return []
-    return [Problem(where, f"{kind} supports {list(ALLOWED_BITS[kind])}, or {FULL_PRECISION_BITS} (LoRA over the "
-                           f"bf16 base), got {brief(bits)}")]
-
-
-@dataclass(frozen=True)
-class Quantization:
-    """The `quantization:` block. `bits: 16` is the full-precision control: plain LoRA over the bf16 base, to which
-    kind, group_size, scale_dtype, method, iters, mixed and overrides do not apply."""
-
-    kind: str = "nf"
-    bits: int = 4
-    group_size: int = 64
-    scale_dtype: str = "float16"
-    method: str = "loftq"
-    rank: int = 16
-    iters: int = 5
-    targets: list[str] = field(default_factory=lambda: ["all-linear"])
-    mixed: Mixed | None = None
-    overrides: list[OverrideSpec] = field(default_factory=list)
-    calibration: Calibration | None = None  # method cloq only
-
-    def problems(self, path: str = "quantization") -> list[Problem]:
-        if self.kind not in ALLOWED_BITS:
-            return [Problem(f"{path}.kind", f"expected one of {sorted(ALLOWED_BITS)}, got {brief(self.kind)}")]
-        out = bits_problems(f"{path}.bits", self.kind, self.bits)
-        out += _at_least(f"{path}.group_size", self.group_size, 1)
-        if self.scale_dtype not in SCALE_DTYPES:
-            out.append(Problem(f"{path}.scale_dtype",
-                               f"expected one of {sorted(SCALE_DTYPES)}, got {brief(self.scale_dtype)}"))
-        out += method_problems(f"{path}.method", self.kind, self.method)
-        out += _at_least(f"{path}.rank", self.rank, 1) + _at_least(f"{path}.iters", self.iters, 0)
-        if not self.targets:
-            out.append(Problem(f"{path}.targets", "expected at least one module pattern or 'all-linear'"))
-        if self.mixed is not None:
-            out += _at(f"{path}.mixed.bits", bits_problem(self.kind, self.mixed.bits))
-        if self.calibration is not None:
-            out += self.calibration.problems(f"{path}.calibration")
-        for i, o in enumerate(self.overrides):
-            if not o.pattern:
-                out.append(Problem(f"{path}.overrides[{i}].pattern", "expected a module name, suffix or glob"))
-            if o.bits is not None:
-                out += _at(f"{path}.overrides[{i}].bits", bits_problem(self.kind, o.bits))
-        return out
 
 
 @dataclass(frozen=True)
@@ -216,7 +127,7 @@ class Sweep:
         if self.metric_mode not in (None, "max", "min"):
             out.append(Problem(f"{path}.metric_mode", f"expected 'max' or 'min', got {brief(self.metric_mode)}"))
         for name in ("num_samples", "reduction_factor", "grace_period", "max_concurrent_trials", "max_trials"):
-            out += _at_least(f"{path}.{name}", getattr(self, name), 2 if name == "reduction_factor" else 1)
+            out += at_least(f"{path}.{name}", getattr(self, name), 2 if name == "reduction_factor" else 1)
         for name in (*self.AXES, "lr_range"):
             if getattr(self, name) == []:
                 out.append(Problem(f"{path}.{name}", "an empty list sweeps nothing; give at least one value or leave "
@@ -227,7 +138,7 @@ class Sweep:
             out += method_problems(f"{path}.method[{i}]", kind, method)
         for name in ("rank", "group_size"):
             for i, value in enumerate(getattr(self, name) or []):
-                out += _at_least(f"{path}.{name}[{i}]", value, 1)
+                out += at_least(f"{path}.{name}[{i}]", value, 1)
         for i, value in enumerate(self.lr or []):
             if not value > 0:
                 out.append(Problem(f"{path}.lr[{i}]", f"expected a learning rate > 0, got {brief(value)}"))
@@ -295,10 +206,10 @@ class Resources:
     build_actors: int | None = None  # default: one per GPU, else one per CPU
 
     def problems(self, path: str = "resources") -> list[Problem]:
-        return (_at_least(f"{path}.workers_per_trial", self.workers_per_trial, 1)
-                + _at_least(f"{path}.cpus_per_worker", self.cpus_per_worker, 1)
-                + _at_least(f"{path}.gpus_per_worker", self.gpus_per_worker, 0)
-                + _at_least(f"{path}.build_actors", self.build_actors, 1))
+        return (at_least(f"{path}.workers_per_trial", self.workers_per_trial, 1)
+                + at_least(f"{path}.cpus_per_worker", self.cpus_per_worker, 1)
+                + at_least(f"{path}.gpus_per_worker", self.gpus_per_worker, 0)
+                + at_least(f"{path}.build_actors", self.build_actors, 1))
 
 
 SECTION_TYPES: dict[str, Any] = {
@@ -384,7 +295,7 @@ def _top_level_problems(data: dict) -> list[Problem]:
         if not isinstance(data.get(key), str) or not data.get(key):
             out.append(Problem(key, f"expected a non-empty string, got {type_name(data.get(key))}"))
     if isinstance(data.get("name"), str) and data["name"]:
-        out += _at("name", name_problem(data["name"], "it names the run directory"))
+        out += at_path("name", name_problem(data["name"], "it names the run directory"))
     return out
 
 
