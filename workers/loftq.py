@@ -28,6 +28,7 @@ import torch
 
 from workers.quant import QuantizedTensor, QuantSpec, check_groupable, dequantize_codes, quantize_codes
 from workers.quant_codes import pack_codes
+from workers.quant_plan import max_rank, method_problem
 
 SVD_METHODS = ("randomized", "exact")
 ADAPTERS = ("lora", "qalora")
@@ -139,17 +140,13 @@ def check_args(weight: torch.Tensor, spec: QuantSpec, rank: int, iters: int, sca
         raise ValueError(f"loftq_init: svd must be one of {list(SVD_METHODS)}, got {svd!r}")
     if adapter not in ADAPTERS:
         raise ValueError(f"loftq_init: adapter must be one of {list(ADAPTERS)}, got {adapter!r}")
-    if adapter == "qalora" and spec.kind != "int":
-        raise ValueError(
-            f"loftq_init: adapter='qalora' needs kind='int' (its correction merges into INT zero points), "
-            f"got kind={spec.kind!r}"
-        )
-    in_cols = weight.shape[1] // spec.group_size if adapter == "qalora" else weight.shape[1]
-    if rank > min(weight.shape[0], in_cols):
-        raise ValueError(
-            f"loftq_init: rank {rank} exceeds min(out, adapter in) = {min(weight.shape[0], in_cols)} "
-            f"for shape {tuple(weight.shape)}"
-        )
+    problem = method_problem(adapter, spec.kind)  # the rule the spec and the build check, by method
+    if problem:
+        raise ValueError(f"loftq_init: adapter={adapter!r}: {problem}")
+    largest = max_rank(tuple(weight.shape), spec.group_size, pooled=adapter == "qalora")
+    if rank > largest:
+        raise ValueError(f"loftq_init: rank {rank} exceeds min(out, adapter in) = {largest} for shape "
+                         f"{tuple(weight.shape)}")
 
 
 def loftq_init(

@@ -134,7 +134,7 @@ def test_at_full_rank_the_pooled_step_is_the_weighted_least_squares_solution():
 
 def test_the_pooled_step_needs_int_and_a_rank_its_groups_hold():
     w, x = layer()
-    with pytest.raises(ValueError, match="adapter='qalora' needs kind='int'"):
+    with pytest.raises(ValueError, match="adapter='qalora': 'qalora' needs kind 'int'"):
         calibrated_init(w, x.T @ x, NF2, rank=4, iters=1, adapter="qalora")
     with pytest.raises(ValueError, match="rank 9 exceeds"):
         calibrated_init(w, x.T @ x, INT2, rank=9, iters=1, adapter="qalora")

@@ -160,7 +160,7 @@ def test_cuda_matches_cpu_bound():
         (dict(scale=float("nan")), "scale"),
         (dict(svd="lanczos"), r"svd must be one of \['randomized', 'exact'\]"),
         (dict(adapter="dora"), "adapter"),
-        (dict(adapter="qalora"), "kind='int'"),
+        (dict(adapter="qalora"), "needs kind 'int'"),
         (dict(spec="nf4"), "QuantSpec"),
     ],
 )
