@@ -6,7 +6,9 @@ the Ray object store once (q/k/v share theirs), and the build actors receive it 
 records where the texts came from, how many tokens they had and their fingerprint (also part of the key).
 
 Memory: the model is held once (a 7B model in bf16 is about 13.5 GB) and the Gram matrices take in^2 float32
-each (four per Llama block: 3 x 4096^2 + 11008^2 floats, about 0.7 GB; the object store spills to disk).
+each (four per Llama block: 3 x 4096^2 + 11008^2 floats, about 0.7 GB; the object store spills to disk). Each
+calibrated build gathers them again (one forward pass over the texts) rather than keeping a 7B model's ~22 GB in
+the driver through the rest of the run.
 """
 
 from __future__ import annotations

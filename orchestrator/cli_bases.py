@@ -41,7 +41,8 @@ def _quantization(args: argparse.Namespace):
 def _calibration_data(q):
     """The calibration data of a calibrated method (the --calibration-* flags), else None; the flags without
     such a method, or such a method without a file, are invalid input."""
-    from workers.calibration import CalibrationError, CalibrationSource, read_calibration
+    from orchestrator.plan import file_calibration_source
+    from workers.calibration import CalibrationError, read_calibration
     from workers.entry_format import CALIBRATED_METHODS
 
     c = q.calibration
@@ -54,10 +55,9 @@ def _calibration_data(q):
         raise InvalidInputError(f"--calibration-file: method {q.method!r} needs calibration data: a "
                                 f"json/jsonl/csv/parquet file (and --calibration-column, default 'text')")
     try:
-        return read_calibration(CalibrationSource(c.file, (c.column or "text",), c.samples, c.max_length))
+        return read_calibration(file_calibration_source(c))
     except CalibrationError as exc:
-        field_name, message = str(exc).split(": ", 1)
-        raise InvalidInputError(f"--{field_name.replace('.', '-').replace('_', '-')}: {message}") from None
+        raise InvalidInputError(f"--{exc.field.replace('.', '-').replace('_', '-')}: {exc.message}") from None
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:

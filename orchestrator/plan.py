@@ -195,12 +195,17 @@ def build_request(q: Quantization, source: ModelSource, point: dict,
                         calibration=calibration if calibrated else None)
 
 
+def file_calibration_source(c: Calibration) -> CalibrationSource:
+    """The source a `calibration:` section with a file names (the spec's, or loftune quantize's flags)."""
+    return CalibrationSource(c.file, (c.column or "text",), c.samples, c.max_length)
+
+
 def calibration_source(spec: JobSpec) -> CalibrationSource:
     """Where a calibrated method's texts come from: `quantization.calibration.file`, else the first task's
     training rows (its evaluation rows held out: the split `load_task` makes)."""
     c = spec.quantization.calibration or Calibration()
     if c.file is not None:
-        return CalibrationSource(c.file, (c.column or "text",), c.samples, c.max_length)
+        return file_calibration_source(c)
     task = spec.tasks[0].resolved()
     if task.type == "prompt_answer":
         columns = (task.prompt_column, task.answer_column)
@@ -216,9 +221,9 @@ def read_spec_calibration(spec: JobSpec) -> CalibrationData:
         return read_calibration(calibration_source(spec))
     except CalibrationError as exc:
         given = spec.quantization.calibration is not None and spec.quantization.calibration.file is not None
-        field_name, message = str(exc).split(": ", 1)
-        path = f"quantization.{field_name}" if given else "tasks[0].train_file"
-        raise SpecError([Problem(path, message if given else f"calibration data for cloq: {message}")]) from None
+        path = f"quantization.{exc.field}" if given else "tasks[0].train_file"
+        message = exc.message if given else f"calibration data for cloq: {exc.message}"
+        raise SpecError([Problem(path, message)]) from None
 
 
 def make_plan(spec: JobSpec, work_dir: str) -> Plan:

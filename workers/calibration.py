@@ -32,7 +32,12 @@ DEFAULT_MAX_LENGTH = 512
 
 
 class CalibrationError(ValueError):
-    """Calibration data that cannot be used; the message names the file, the column or the field."""
+    """Calibration data that cannot be used: `field` is the calibration field at fault ('calibration.file',
+    'calibration.column', ...), `message` names the file or column; str() is 'field: message'."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field, self.message = field, message
 
 
 @dataclass(frozen=True)
@@ -84,9 +89,9 @@ def read_calibration(source: CalibrationSource) -> CalibrationData:
     a missing column, non-text values, or no usable row."""
     file = source.file
     if not isinstance(source.samples, int) or source.samples < 1:
-        raise CalibrationError(f"calibration.samples: expected an integer >= 1, got {brief(source.samples)}")
+        raise CalibrationError("calibration.samples", f"expected an integer >= 1, got {brief(source.samples)}")
     if not isinstance(source.max_length, int) or source.max_length < 1:
-        raise CalibrationError(f"calibration.max_length: expected an integer >= 1, got {brief(source.max_length)}")
+        raise CalibrationError("calibration.max_length", f"expected an integer >= 1, got {brief(source.max_length)}")
     data = _read_rows(source)
     rows = range(data.num_rows)
     if source.holdout is not None:  # a task's training rows only (workers.tasks.split_indices), in file order
@@ -94,15 +99,16 @@ def read_calibration(source: CalibrationSource) -> CalibrationData:
 
         rows = sorted(split_indices(data.num_rows, *source.holdout)[0])
     texts = []
+    columns = {column: data[column] for column in source.columns}  # each column read once, as a list
     for row in rows:
-        parts = [_text_at(data, column, row, file) for column in source.columns]
+        parts = [_text_at(columns[column], column, row, file) for column in source.columns]
         text = " ".join(part for part in parts if part and part.strip())
         if text.strip():
             texts.append(text)
             if len(texts) == source.samples:
                 break
     if not texts:
-        raise CalibrationError(f"calibration.file: {clip(file, 300)} has no non-empty text in column(s) "
+        raise CalibrationError("calibration.file", f"{clip(file, 300)} has no non-empty text in column(s) "
                                f"{brief(list(source.columns))}")
     return CalibrationData(tuple(texts), source.max_length, f"{file} [{', '.join(source.columns)}]")
 
@@ -114,26 +120,26 @@ def _read_rows(source: CalibrationSource):
     file = source.file
     builder = FORMATS.get(os.path.splitext(file)[1].lower())
     if builder is None:
-        raise CalibrationError(f"calibration.file: {clip(file, 300)}: expected a {'/'.join(FORMATS)} file")
+        raise CalibrationError("calibration.file", f"{clip(file, 300)}: expected a {'/'.join(FORMATS)} file")
     if not os.path.isfile(file):
-        raise CalibrationError(f"calibration.file: no such file {clip(file, 300)}")
+        raise CalibrationError("calibration.file", f"no such file {clip(file, 300)}")
     options = {"encoding": source.csv_encoding} if builder == "csv" else {}
     try:
         data = datasets.load_dataset(builder, data_files=os.path.abspath(file), split="train", **options)
     except Exception as exc:  # a parse error deep inside datasets: say which file
-        raise CalibrationError(f"calibration.file: cannot read {clip(file, 300)} as {builder}: "
+        raise CalibrationError("calibration.file", f"cannot read {clip(file, 300)} as {builder}: "
                                f"{type(exc).__name__}: {clip(str(exc), 300)}") from exc
     for column in source.columns:
         if column not in data.column_names:
-            raise CalibrationError(f"calibration.column: no column {brief(column)} in {clip(file, 300)}; "
+            raise CalibrationError("calibration.column", f"no column {brief(column)} in {clip(file, 300)}; "
                                    f"its columns are {brief(data.column_names, 300)}")
     return data
 
 
-def _text_at(data, column: str, row: int, file: str) -> str | None:
-    value = data[row][column]
+def _text_at(values: list, column: str, row: int, file: str) -> str | None:
+    value = values[row]
     if value is not None and not isinstance(value, str):
-        raise CalibrationError(f"calibration.column: {clip(file, 300)} row {row}: expected text in column "
+        raise CalibrationError("calibration.column", f"{clip(file, 300)} row {row}: expected text in column "
                                f"{brief(column)}, got {type(value).__name__}")
     return value
 

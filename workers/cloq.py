@@ -85,16 +85,15 @@ def calibrated_init(
     step = WeightedStep(gram.to(w.device), spec.group_size if adapter == "qalora" else 1, damping)
     gen = torch.Generator(device=w.device).manual_seed(seed)
     w_norm = step.norm(w) or 1.0
-    codes, scales, zeros = quantize_codes(w, spec)
-    quant_error = step.norm(w - dequantize_codes(codes, scales, zeros, spec)) / w_norm
+    quant_error = None
     best, errors, delta = None, [], torch.zeros_like(w)
     for t in range(iters):
-        if t > 0:
-            codes, scales, zeros = quantize_codes(w - delta, spec)
-        residual = w - dequantize_codes(codes, scales, zeros, spec)
-        target = step.target(residual)
+        # iteration 0 quantizes W itself: its weighted residual is also the plain quantization's error
+        codes, scales, zeros = quantize_codes(w - delta if t else w, spec)
+        target, residual_norm = step.target(w - dequantize_codes(codes, scales, zeros, spec))
+        quant_error = residual_norm / w_norm if quant_error is None else quant_error
         u, s, vh, _ = truncated_svd(target, rank, svd, None, gen)  # a cold start each time
-        error = math.sqrt(max(step.norm(residual) ** 2 - (s.double() ** 2).sum().item(), 0.0)) / w_norm
+        error = math.sqrt(max(residual_norm ** 2 - (s.double() ** 2).sum().item(), 0.0)) / w_norm
         errors.append(error)
         a, b = step.factors(u, s, vh)
         if best is None or error < best[-1]:
@@ -127,12 +126,15 @@ class WeightedStep:
         """||m R^T||_F."""
         return torch.linalg.vector_norm(m @ self.r.T).item()
 
-    def target(self, residual: torch.Tensor) -> torch.Tensor:
-        """The matrix whose rank-r SVD is the step: E R^T, or M_ls Rg^T."""
+    def target(self, residual: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """(the matrix whose rank-r SVD is the step: E R^T, or M_ls Rg^T; and ||E R^T||), one [in, in] product
+        each: at 7B shapes that product is the cost of an iteration."""
+        weighted = residual @ self.r.T
+        norm = torch.linalg.vector_norm(weighted).item()
         if self.group_size == 1:
-            return residual @ self.r.T
+            return weighted, norm
         least_squares = torch.linalg.solve(self.h_g, (residual @ self.h_gt).T).T  # E H G^T (G H G^T)^-1
-        return least_squares @ self.r_g.T
+        return least_squares @ self.r_g.T, norm
 
     def factors(self, u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(a, b) with b @ a the step's correction (lora) or its group values M (qalora)."""
