@@ -29,7 +29,15 @@ from dataclasses import dataclass
 import torch
 import transformers
 
-from bench.bench_train import classifier_on_base, encoder_linears, fp_lora_model, minilm_classifier, quantized_base
+from bench.bench_train import (
+    classifier_on_base,
+    encoder_linears,
+    fp_lora_model,
+    minilm_classifier,
+    minilm_grams,
+    quantized_base,
+)
+from workers.calibration import CalibrationSource, read_calibration
 from workers.metrics import classification_metrics
 from workers.model_source import minilm_path
 from workers.quant import QuantSpec
@@ -37,6 +45,7 @@ from workers.tasks import TaskData, TaskSpec, load_task
 
 WARMUP_STEPS = 20
 EVAL_BATCH = 64
+TRACE_EVERY = 10
 
 
 @dataclass(frozen=True)
@@ -53,14 +62,17 @@ ROWS = [
     Row("loftq-nf4", QuantSpec("nf", 4, 64), "loftq", 5),
     Row("qlora-nf2", QuantSpec("nf", 2, 64), "qlora", 0),
     Row("loftq-nf2", QuantSpec("nf", 2, 64), "loftq", 5),
+    Row("cloq-nf4", QuantSpec("nf", 4, 64), "cloq", 5),
+    Row("cloq-nf2", QuantSpec("nf", 2, 64), "cloq", 5),
     Row("qalora-int4", QuantSpec("int", 4, 16), "qalora", 0),
     Row("qalora-loftq-int4", QuantSpec("int", 4, 16), "qalora", 5),
     Row("qalora-int2", QuantSpec("int", 2, 16), "qalora", 0),
     Row("qalora-loftq-int2", QuantSpec("int", 2, 16), "qalora", 5),
 ]
-# LoftQ row -> the plain (B = 0) row with the same quantizer, for the paired differences
-PAIRS = {"loftq-nf4": "qlora-nf4", "loftq-nf2": "qlora-nf2", "qalora-loftq-int4": "qalora-int4",
-         "qalora-loftq-int2": "qalora-int2"}
+CALIBRATION_SAMPLES = 128  # cloq rows: the first training tweets (the service's default count)
+# row -> the row it is compared with seed by seed: LoftQ -> the plain (B = 0) row of its quantizer, cloq -> LoftQ
+PAIRS = {"loftq-nf4": "qlora-nf4", "loftq-nf2": "qlora-nf2", "cloq-nf4": "loftq-nf4", "cloq-nf2": "loftq-nf2",
+         "qalora-loftq-int4": "qalora-int4", "qalora-loftq-int2": "qalora-int2"}
 
 
 def lr_multiplier(step: int, steps: int) -> float:
@@ -68,18 +80,26 @@ def lr_multiplier(step: int, steps: int) -> float:
     return min(1.0, (step + 1) / WARMUP_STEPS) * max(0.0, 1 - step / steps)
 
 
-def train_and_test(model: torch.nn.Module, data: TaskData, steps: int, batch: int, lr: float, seed: int) -> dict:
-    """Train the trainable parameters for `steps` batches in a seeded order, then score the test split."""
+def train_and_test(model: torch.nn.Module, data: TaskData, steps: int, batch: int, lr: float, seed: int,
+                   grad_clip: float | None = None, trace: list | None = None) -> dict:
+    """Train the trainable parameters for `steps` batches in a seeded order, then score the test split.
+
+    `grad_clip`: clip the global gradient norm to it (the service's training loop clips at 1.0 by default; the
+    recorded tables ran without). `trace`: a list that gets `trace_point` every TRACE_EVERY steps."""
     torch.manual_seed(seed)  # BERT's hidden dropout
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_multiplier(s, steps))
     order = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(seed)).tolist()
+    start = adapter_deltas(model) if trace is not None else {}
     model.train()
     for step in range(steps):
         idx = [order[(step * batch + i) % len(order)] for i in range(batch)]
         loss = model(**data.collate([data.train[i] for i in idx])).loss
         loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip or math.inf).item()
+        if trace is not None and (step % TRACE_EVERY == 0 or step == steps - 1):
+            trace.append(trace_point(model, start, step, loss.item(), grad_norm))
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
@@ -90,7 +110,34 @@ def train_and_test(model: torch.nn.Module, data: TaskData, steps: int, batch: in
             b = data.collate(data.eval[i:i + EVAL_BATCH])
             logits.append(model(**b).logits)
             labels.append(b["labels"])
-    return classification_metrics(torch.cat(logits), torch.cat(labels))
+    logits = torch.cat(logits)
+    predicted = torch.bincount(logits.argmax(-1), minlength=logits.shape[-1]) / len(logits)
+    return {**classification_metrics(logits, torch.cat(labels)), "predicted_fraction": predicted.tolist()}
+
+
+def adapter_deltas(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Each adapted layer's correction s B A [out, in] (float32), by layer name."""
+    from workers.export import quant_layers
+
+    return {name: layer.delta_weight() for name, layer in quant_layers(model).items()}
+
+
+def trace_point(model: torch.nn.Module, start: dict[str, torch.Tensor], step: int, loss: float,
+                grad_norm: float) -> dict:
+    """Where training is: loss, the global gradient norm (before clipping), the gradient norms of the adapters
+    and of the head, the head's weight norm, and per adapted layer (mean over layers) ||s B A|| and how far it has
+    moved from its start, ||s B A - (s B A)_0|| (QLoRA starts at B = 0; LoftQ at its correction)."""
+    grads = {"adapter": 0.0, "head": 0.0}
+    for name, p in model.named_parameters():
+        if p.grad is not None:
+            grads["head" if name.startswith("classifier") else "adapter"] += p.grad.float().pow(2).sum().item()
+    now = adapter_deltas(model)
+    size = [now[n].norm().item() for n in now]
+    moved = [(now[n] - start[n]).norm().item() for n in now]
+    head = model.classifier.weight.norm().item() if hasattr(model, "classifier") else math.nan
+    return {"step": step, "loss": loss, "grad_norm": grad_norm, "adapter_grad": grads["adapter"] ** 0.5,
+            "head_grad": grads["head"] ** 0.5, "delta_norm": statistics.fmean(size) if size else 0.0,
+            "delta_moved": statistics.fmean(moved) if moved else 0.0, "head_norm": head}
 
 
 def start_error(model: torch.nn.Module, reference: dict[str, torch.Tensor]) -> float:
@@ -118,6 +165,14 @@ def build_model(row: Row, base: dict | None, rank: int, seed: int) -> torch.nn.M
     if row.iters == 0 and any(p.any() for n, p in model.named_parameters() if n.endswith("lora_B")):
         raise AssertionError(f"{row.name}: a QLoRA start must have B = 0")
     return model
+
+
+def calibration_grams(data: TaskData, task: TaskSpec) -> dict[str, torch.Tensor]:
+    """cloq's Gram matrices, from the first CALIBRATION_SAMPLES training tweets (the test split held out)."""
+    spec = data.spec
+    source = CalibrationSource(spec.train_file, (spec.text_column,), CALIBRATION_SAMPLES, task.max_length,
+                               spec.csv_encoding, holdout=(spec.eval_fraction, spec.seed))
+    return minilm_grams(list(read_calibration(source).texts), task.max_length)
 
 
 def run_key(lr: float, seed: int, row: str) -> str:
@@ -177,6 +232,11 @@ def main() -> None:
     parser.add_argument("--rows", default=",".join(r.name for r in ROWS))
     parser.add_argument("--out", help="JSON lines file: one line per finished run; existing runs are skipped")
     parser.add_argument("--table", action="store_true", help="only print the tables of the runs in --out")
+    parser.add_argument("--grad-clip", type=float, default=None,
+                        help="clip the global gradient norm (the service's default is 1.0; the tables ran without); "
+                             "give clipped runs their own --out")
+    parser.add_argument("--trace", help="JSON lines file: per run, loss / gradient / adapter norms every "
+                                        f"{TRACE_EVERY} steps")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (on 2 busy cores one thread per process is several times faster)")
     args = parser.parse_args()
@@ -202,12 +262,19 @@ def main() -> None:
                     continue
                 start = time.perf_counter()
                 if row.spec is not None and row.name not in bases:
-                    bases[row.name] = quantized_base(row.spec, row.method, row.iters, args.rank)
+                    grams = calibration_grams(data, task) if row.method == "cloq" else None
+                    bases[row.name] = quantized_base(row.spec, row.method, row.iters, args.rank, grams)
                 model = build_model(row, bases.get(row.name), args.rank, seed)
                 err = start_error(model, reference)
-                m = train_and_test(model, data, args.steps, args.batch, lr, seed)
+                trace: list | None = [] if args.trace else None
+                m = train_and_test(model, data, args.steps, args.batch, lr, seed, args.grad_clip, trace)
+                if args.trace:
+                    with open(args.trace, "a") as f:
+                        f.write(json.dumps({"row": row.name, "lr": lr, "seed": seed, "grad_clip": args.grad_clip,
+                                            "trace": trace}) + "\n")
                 run = {"row": row.name, "lr": lr, "seed": seed, "steps": args.steps, "batch": args.batch,
                        "rank": args.rank, "train": len(data.train), "test": len(data.eval), "start_error": err,
+                       "grad_clip": args.grad_clip,
                        "seconds": time.perf_counter() - start, **m}
                 runs[run_key(lr, seed, row.name)] = run
                 print(json.dumps(run), flush=True)

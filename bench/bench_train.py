@@ -19,6 +19,9 @@ import torch
 import transformers
 from safetensors import safe_open
 
+from workers.calibration import gather_grams
+from workers.cloq import DAMPING
+from workers.entry_format import CALIBRATED_METHODS
 from workers.matrix_worker import MatrixJob, MatrixWorker
 from workers.model_source import minilm_path
 from workers.quant import QuantSpec
@@ -40,17 +43,28 @@ def encoder_linears(model: transformers.BertForSequenceClassification) -> list[s
     return [n for n, m in model.bert.named_modules() if isinstance(m, torch.nn.Linear) and "pooler" not in n]
 
 
-def quantized_base(spec: QuantSpec, method: str, iters: int, rank: int) -> dict[str, torch.Tensor]:
+def quantized_base(spec: QuantSpec, method: str, iters: int, rank: int,
+                   grams: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """MiniLM's tensors with every encoder linear replaced by its quantized parts (and LoftQ factors if iters > 0).
 
     Deterministic (LoftQ's randomized SVD is seeded per matrix), so one base serves every seed of a row.
+    A calibrated method (cloq) needs `grams`: each encoder linear's input Gram matrix (`minilm_grams`).
     """
     tensors = minilm_tensors()
     worker = MatrixWorker(torch.get_num_threads())
+    damping = DAMPING if method in CALIBRATED_METHODS else None
     for name in encoder_linears(minilm_classifier()):
-        job = MatrixJob(name, spec, rank, iters, method)
-        tensors.update(worker.quantize(job, tensors.pop(name + ".weight")).tensors)
+        job = MatrixJob(name, spec, rank, iters, method, damping=damping)
+        gram = grams[name] if damping is not None else None
+        tensors.update(worker.quantize(job, tensors.pop(name + ".weight"), gram).tensors)
     return tensors
+
+
+def minilm_grams(texts: list[str], max_length: int) -> dict[str, torch.Tensor]:
+    """Each encoder linear's mean input Gram matrix over `texts`, on the full-precision MiniLM encoder."""
+    model = minilm_classifier()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(minilm_path())
+    return gather_grams(model.bert, tokenizer, texts, encoder_linears(model), max_length=max_length).grams
 
 
 def classifier_on_base(tensors: dict[str, torch.Tensor], method: str, iters: int, rank: int) -> torch.nn.Module:

@@ -18,7 +18,8 @@ from orchestrator.cli_common import (
 from workers.entry_format import METHODS
 
 QUANTIZE_FIELDS = ("kind", "bits", "group_size", "scale_dtype", "method", "rank", "iters", "targets")
-CALIBRATION_FIELDS = ("file", "column", "samples", "max_length")  # quantization.calibration: --calibration-<field>
+# quantization.calibration's fields: flag --calibration-<field>
+CALIBRATION_FIELDS = ("file", "column", "samples", "max_length", "damping")
 
 
 def _quantization(args: argparse.Namespace):
@@ -171,6 +172,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--calibration-column", help="the file's text column (default 'text')")
     q.add_argument("--calibration-samples", type=int, help="how many texts (default 128)")
     q.add_argument("--calibration-max-length", type=int, help="tokens per text (default 512)")
+    q.add_argument("--calibration-damping", type=float, help="the weighted step's damping, x mean(diag X^T X) "
+                                                             "(default 1)")
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--actors", type=int, default=None, help="build actors (default: one per GPU, else per CPU)")
     q.add_argument("--threads", type=int, default=1, help="torch threads (and CPUs) per CPU actor")

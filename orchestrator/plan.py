@@ -197,7 +197,7 @@ def build_request(q: Quantization, source: ModelSource, point: dict,
 
 def file_calibration_source(c: Calibration) -> CalibrationSource:
     """The source a `calibration:` section with a file names (the spec's, or loftune quantize's flags)."""
-    return CalibrationSource(c.file, (c.column or "text",), c.samples, c.max_length)
+    return CalibrationSource(c.file, (c.column or "text",), c.samples, c.max_length, damping=c.damping)
 
 
 def calibration_source(spec: JobSpec) -> CalibrationSource:
@@ -212,7 +212,8 @@ def calibration_source(spec: JobSpec) -> CalibrationSource:
     else:
         columns = tuple(column for column in (task.text_column, task.text_pair_column) if column)
     holdout = None if task.eval_file else (task.eval_fraction, task.seed)
-    return CalibrationSource(task.train_file, columns, c.samples, c.max_length, task.csv_encoding, holdout)
+    return CalibrationSource(task.train_file, columns, c.samples, c.max_length, task.csv_encoding, holdout,
+                             c.damping)
 
 
 def read_spec_calibration(spec: JobSpec) -> CalibrationData:

@@ -8,6 +8,7 @@ from typing import Any
 
 from orchestrator.errors import Problem
 from workers.calibration import DEFAULT_MAX_LENGTH, DEFAULT_SAMPLES
+from workers.cloq import DAMPING
 from workers.entry_format import FULL_PRECISION_BITS, METHODS
 from workers.messages import brief
 from workers.quant import ALLOWED_BITS, SCALE_DTYPES
@@ -38,9 +39,13 @@ class Calibration:
     column: str | None = None  # with `file`; default 'text'
     samples: int = DEFAULT_SAMPLES
     max_length: int = DEFAULT_MAX_LENGTH  # tokens per text
+    damping: float = DAMPING  # the weighted step's lambda, x mean(diag(X^T X)) (docs/methods.md: why 1)
 
     def problems(self, path: str) -> list[Problem]:
         out = at_least(f"{path}.samples", self.samples, 1) + at_least(f"{path}.max_length", self.max_length, 1)
+        if not isinstance(self.damping, (int, float)) or not 0 < self.damping < float("inf"):
+            out.append(Problem(f"{path}.damping", f"expected a number > 0 (default {DAMPING:g}), "
+                                                  f"got {brief(self.damping)}"))
         if self.column is not None and self.file is None:
             out.append(Problem(f"{path}.column", "goes with calibration.file (a task's data has its own columns)"))
         return out

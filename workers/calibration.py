@@ -51,6 +51,7 @@ class CalibrationSource:
     max_length: int = DEFAULT_MAX_LENGTH  # tokens per sample; longer texts are truncated
     csv_encoding: str = "utf-8"
     holdout: tuple[float, int] | None = None  # (eval_fraction, seed): skip the rows a task's split holds out
+    damping: float = DAMPING  # goes with the data into CalibrationData (and so into the cache key)
 
 
 @dataclass(frozen=True)
@@ -92,6 +93,8 @@ def read_calibration(source: CalibrationSource) -> CalibrationData:
         raise CalibrationError("calibration.samples", f"expected an integer >= 1, got {brief(source.samples)}")
     if not isinstance(source.max_length, int) or source.max_length < 1:
         raise CalibrationError("calibration.max_length", f"expected an integer >= 1, got {brief(source.max_length)}")
+    if not isinstance(source.damping, (int, float)) or not 0 < source.damping < float("inf"):
+        raise CalibrationError("calibration.damping", f"expected a number > 0, got {brief(source.damping)}")
     data = _read_rows(source)
     rows = range(data.num_rows)
     if source.holdout is not None:  # a task's training rows only (workers.tasks.split_indices), in file order
@@ -110,7 +113,7 @@ def read_calibration(source: CalibrationSource) -> CalibrationData:
     if not texts:
         raise CalibrationError("calibration.file", f"{clip(file, 300)} has no non-empty text in column(s) "
                                f"{brief(list(source.columns))}")
-    return CalibrationData(tuple(texts), source.max_length, f"{file} [{', '.join(source.columns)}]")
+    return CalibrationData(tuple(texts), source.max_length, f"{file} [{', '.join(source.columns)}]", source.damping)
 
 
 def _read_rows(source: CalibrationSource):

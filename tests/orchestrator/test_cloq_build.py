@@ -135,6 +135,21 @@ def test_the_spec_takes_cloq_and_says_what_it_needs(tmp_path):
                for p in problems_of(spec_with(tmp_path, calibration={"column": "text"})))
     assert any(p.startswith("quantization.calibration.samples: expected an integer >= 1")
                for p in problems_of(spec_with(tmp_path, calibration={"samples": 0})))
+    for damping, expected in ((0, "expected a number > 0 (default 1), got 0"), (-1, "expected a number > 0"),
+                              ("high", "expected float, got str 'high'")):
+        assert any(p.startswith(f"quantization.calibration.damping: {expected}")
+                   for p in problems_of(spec_with(tmp_path, calibration={"damping": damping}))), damping
+
+
+def test_the_damping_of_the_spec_goes_into_the_key(tmp_path):
+    problems: list = []
+    plans = [make_plan(build_spec(spec_with(tmp_path, calibration=c), problems), str(tmp_path / "work"))
+             for c in ({}, {"damping": 0.3})]
+    assert problems == []
+    default, damped = ([b for b in plan.builds if b.method == "cloq"][0] for plan in plans)
+    assert default.calibration.damping == 1.0 and damped.calibration.damping == 0.3
+    assert default.key().fields()["calibration"]["damping"] == 1.0
+    assert damped.key().fields()["calibration"]["damping"] == 0.3 and damped.key().name != default.key().name
 
 
 def test_the_plan_calibrates_on_the_first_tasks_training_rows(tmp_path):
@@ -175,6 +190,9 @@ def test_loftune_quantize_builds_a_cloq_base_and_names_a_missing_file(tmp_path):
     manifest = BaseCache(cache).show(result["key"])
     assert "__cloq-t1__" in result["key"] and manifest["calibration"]["samples"] == 4
     assert manifest["key"]["calibration"] == CalibrationData(TEXTS[:4], 512).key_fields()
+    bad = loftune(*common, "--calibration-file", str(data), "--calibration-column", "line",
+                  "--calibration-damping", "0", cache=cache)
+    assert bad.returncode == 2 and "--calibration-damping: expected a number > 0, got 0" in bad.stderr
 
 
 @pytest.mark.slow
