@@ -5,7 +5,8 @@ target linear layer adds x^T x of its input rows, real tokens only (padding is m
 the same input tensor (q/k/v after one norm, gate/up: called one after another on the very same tensor object)
 share one Gram matrix: it is computed once and the dict maps each of their names to the same tensor. The Gram
 matrices are divided by the token count (cloq is invariant to their scale; the mean keeps float32 well inside
-its range).
+its range). `workers.calibration_layerwise` gathers the same Grams with one decoder layer in memory at a time,
+through the same hooks (`GramHooks`) and batches (`tokenized_batches`).
 
 `CalibrationSource` names the data (a local file, its text columns, the first `samples` rows);
 `read_calibration` turns it into `CalibrationData` (the texts and the token budget), whose `fingerprint` (of
@@ -167,34 +168,56 @@ def gather_grams(model: nn.Module, tokenizer, texts: Sequence[str], modules: Seq
     missing = [name for name in modules if name not in found]
     if missing:
         raise KeyError(f"calibration: the model has no module {missing[0]!r}")
-    sums: dict[str, torch.Tensor] = {}
-    alias: dict[str, str] = {}
-    batch_state: dict = {"mask": None, "last": (None, "")}
-
-    def hook_for(name: str):
-        def hook(_module: nn.Module, inputs: tuple) -> None:
-            x = inputs[0]
-            last, last_name = batch_state["last"]
-            if x is last:  # the previous target read this very tensor (q/k/v, gate/up): same Gram
-                alias[name] = last_name
-                return
-            batch_state["last"] = (x, name)  # held, so its identity cannot be reused by another tensor
-            rows = _real_rows(x, batch_state["mask"]).float()
-            product = rows.T @ rows
-            sums[name] = product if name not in sums else sums[name] + product
-        return hook
-
-    handles = [found[name].register_forward_pre_hook(hook_for(name)) for name in modules]
+    hooks = GramHooks()
+    handles = hooks.attach({name: found[name] for name in modules})
     tokens = 0
     try:
-        tokens = _run_batches(model, tokenizer, texts, max_length, batch_size, batch_state, on_batch)
+        tokens = _run_batches(model, tokenizer, texts, max_length, batch_size, hooks, on_batch)
     finally:
         for handle in handles:
             handle.remove()
-    grams = {name: (total / max(tokens, 1)).cpu() for name, total in sums.items()}
-    for name, target in alias.items():
-        grams[name] = grams[target]
-    return CalibrationGrams(grams, tokens, len(texts), calibration_fingerprint(texts, max_length))
+    return CalibrationGrams(hooks.grams(tokens), tokens, len(texts), calibration_fingerprint(texts, max_length))
+
+
+class GramHooks:
+    """Forward pre-hooks that sum x^T x of each target's input rows (real tokens only), and the Gram sharing.
+
+    A target that reads the very tensor object the previous target of the same batch read (q/k/v after one norm,
+    gate/up) shares that target's Gram: it is summed once. Call `start_batch` with the batch's attention mask
+    before each forward pass (gather_grams: the whole model; workers.calibration_layerwise: one layer)."""
+
+    def __init__(self):
+        self.sums: dict[str, torch.Tensor] = {}
+        self.alias: dict[str, str] = {}
+        self.mask: torch.Tensor | None = None
+        self._last: tuple[torch.Tensor | None, str] = (None, "")
+
+    def start_batch(self, mask: torch.Tensor | None) -> None:
+        self.mask, self._last = mask, (None, "")
+
+    def attach(self, modules: dict[str, nn.Module]) -> list:
+        """A pre-hook on each named module; the handles (remove them when done)."""
+        return [module.register_forward_pre_hook(self._hook_for(name)) for name, module in modules.items()]
+
+    def _hook_for(self, name: str):
+        def hook(_module: nn.Module, inputs: tuple) -> None:
+            x = inputs[0]
+            last, last_name = self._last
+            if x is last:  # the previous target read this very tensor (q/k/v, gate/up): same Gram
+                self.alias[name] = last_name
+                return
+            self._last = (x, name)  # held, so its identity cannot be reused by another tensor
+            rows = _real_rows(x, self.mask).float()
+            product = rows.T @ rows
+            self.sums[name] = product if name not in self.sums else self.sums[name] + product
+        return hook
+
+    def grams(self, tokens: int) -> dict[str, torch.Tensor]:
+        """The mean Gram of every hooked module that ran (on the CPU); modules that share one map to one tensor."""
+        grams = {name: (total / max(tokens, 1)).cpu() for name, total in self.sums.items()}
+        for name, target in self.alias.items():
+            grams[name] = grams[target]
+        return grams
 
 
 def _real_rows(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -206,24 +229,31 @@ def _real_rows(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _run_batches(model, tokenizer, texts, max_length, batch_size, batch_state, on_batch) -> int:
+def _run_batches(model, tokenizer, texts, max_length, batch_size, hooks: GramHooks, on_batch) -> int:
     """Forward every batch of texts through the model; the number of real tokens seen."""
-    if tokenizer.pad_token_id is None:  # decoder-only tokenizers often have none; padding is masked anyway
-        tokenizer.pad_token = tokenizer.eos_token
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     tokens = 0
     try:
-        for start in range(0, len(texts), batch_size):
-            batch = tokenizer(list(texts[start:start + batch_size]), return_tensors="pt", padding=True,
-                              truncation=True, max_length=max_length)
+        for end, batch in tokenized_batches(tokenizer, texts, max_length, batch_size):
             mask = batch["attention_mask"].to(device)
-            batch_state["mask"], batch_state["last"] = mask, (None, "")
+            hooks.start_batch(mask)
             model(input_ids=batch["input_ids"].to(device), attention_mask=mask)
             tokens += int(mask.sum())
             if on_batch is not None:
-                on_batch(min(start + batch_size, len(texts)), len(texts))
+                on_batch(end, len(texts))
     finally:
         model.train(was_training)
     return tokens
+
+
+def tokenized_batches(tokenizer, texts: Sequence[str], max_length: int, batch_size: int):
+    """(texts done, batch) for each run of `batch_size` texts: padded to the batch's longest, truncated to
+    `max_length`; a tokenizer without a pad token pads with its end-of-sequence token (padding is masked anyway)."""
+    if tokenizer.pad_token_id is None:  # decoder-only tokenizers often have none
+        tokenizer.pad_token = tokenizer.eos_token
+    for start in range(0, len(texts), batch_size):
+        batch = tokenizer(list(texts[start:start + batch_size]), return_tensors="pt", padding=True,
+                          truncation=True, max_length=max_length)
+        yield min(start + batch_size, len(texts)), batch
