@@ -3,6 +3,7 @@
 
     python -m bench.bench_fidelity_llm --out runs/fidelity-llm                 # every row: many CPU-hours
     python -m bench.bench_fidelity_llm --rows loftq-nf2,cloq-nf2 --steps 300   # two rows
+    python -m bench.bench_fidelity_llm --rows bf16 --lr 1e-3                   # no selection phase: a given lr
     python -m bench.bench_fidelity_llm --out runs/fidelity-llm --table         # the tables of a (partial) run
 
 Two phases per row, each one job spec run by `loftune run` into `<out>/<phase>-<row>` (a rerun resumes: finished
@@ -110,8 +111,9 @@ def table(results: dict[str, dict]) -> str:
         em = [100 * t["value"] for t in r["test"]]
         ppl = [t.get("eval_perplexity") or float("nan") for t in r["test"]]
         spread = f"{statistics.stdev(em):.2f}" if len(em) > 1 else "-"
+        given = " (given)" if r.get("lr_chosen_by") == "given" else ""
         lines.append(f"{row:<20} {r['lr']:>8.0e} {len(em):>5} {statistics.fmean(em):>8.2f} +- {spread:<4} "
-                     f"{statistics.fmean(ppl):>11.3f}")
+                     f"{statistics.fmean(ppl):>11.3f}{given}")
     lines += ["", f"{'paired by seed':<40} {'d exact match (points)':>24}"]
     for row, base in PAIRS:
         if row in results and base in results:
@@ -127,6 +129,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--lrs", type=lambda s: [float(x) for x in s.split(",")], default=[5e-4, 1e-3, 2e-3])
+    parser.add_argument("--lr", type=float, default=None, help="skip the selection phase and test at this learning "
+                                                              "rate (the table marks it 'given')")
     parser.add_argument("--seeds", type=int, default=3, help="training seeds of the test phase")
     parser.add_argument("--validation", type=int, default=200, help="validation problems the lr is chosen on")
     parser.add_argument("--test", type=int, default=500, help="test problems scored")
@@ -143,9 +147,12 @@ def main() -> None:
         for row in args.rows.split(","):
             if row not in ROWS:
                 raise SystemExit(f"--rows: unknown row {row!r}; expected some of {list(ROWS)}")
-            lr = chosen_lr(run_phase(row, "select", args))
-            print(f"{row}: lr {lr:g} chosen on the validation split", flush=True)
-            results[row] = {"lr": lr, "test": run_phase(row, "test", args, lr)}
+            if args.lr is None:
+                lr, chosen_by = chosen_lr(run_phase(row, "select", args)), "sweep"
+                print(f"{row}: lr {lr:g} chosen on the validation split", flush=True)
+            else:
+                lr, chosen_by = args.lr, "given"
+            results[row] = {"lr": lr, "lr_chosen_by": chosen_by, "test": run_phase(row, "test", args, lr)}
             with open(results_file, "w") as f:
                 json.dump(results, f, indent=1)
     print(table(results))

@@ -157,12 +157,12 @@ def _build_locked(request, key, cache, manifest, jobs, shapes, actors, threads_p
     else:
         model_files = model_json_files(request.source)  # before Ray starts: a bad tokenizer fails fast
     connect(address)
-    calibration = None
+    calibration, gram_refs = None, {}
     if request.calibration is not None:  # before the actors start: the driver runs the model once
-        calibration = gather_build_grams(request, [j.module for j in jobs], progress)
+        calibration = gather_build_grams(request, [j.module for j in jobs], progress,
+                                         on_grams=lambda grams: gram_refs.update(put_grams(grams)))
     bar = tqdm(total=len(jobs), desc=f"quantize {key.name}", unit="matrix", disable=not progress, file=sys.stderr)
-    pool = _ActorPool(_start_actors(actors, threads_per_actor, len(jobs)), bar, on_progress,
-                      put_grams(calibration.grams) if calibration else {})
+    pool = _ActorPool(_start_actors(actors, threads_per_actor, len(jobs)), bar, on_progress, gram_refs)
     try:
         if manifest is None:
             return _build_entry(request, key, cache, jobs, shapes, pool, shard_bytes, model_files, calibration)

@@ -21,6 +21,8 @@ from __future__ import annotations
 import math
 import os
 import sys
+from collections.abc import Callable
+from dataclasses import replace
 
 import ray
 import torch
@@ -47,9 +49,13 @@ def load_full_precision_model(source: ModelSource) -> torch.nn.Module:
     return model_class.from_pretrained(source.path, dtype="auto").eval()
 
 
-def gather_build_grams(request: BuildRequest, modules: list[str], progress: bool) -> CalibrationGrams:
+def gather_build_grams(request: BuildRequest, modules: list[str], progress: bool,
+                       on_grams: Callable[[dict[str, torch.Tensor]], None] | None = None) -> CalibrationGrams:
     """Run the request's model over its calibration texts and return each target module's input Gram matrix:
-    the whole model at once, or layer by layer where `calibrate_layerwise` says so (the same Grams)."""
+    the whole model at once, or layer by layer where `calibrate_layerwise` says so (the same Grams).
+
+    With `on_grams`, the Grams are handed to it as they are finished (layer by layer, or all at once) and the
+    result holds none (its counts and fingerprint only): the driver never holds a 7B model's ~22 GB of them."""
     import transformers
 
     data, source = request.calibration, request.source
@@ -65,9 +71,13 @@ def gather_build_grams(request: BuildRequest, modules: list[str], progress: bool
     try:
         if layerwise:
             return gather_grams_layerwise(source, tokenizer, data.texts, modules, max_length=data.max_length,
-                                          on_layer=advance)
-        return gather_grams(load_full_precision_model(source), tokenizer, data.texts, modules,
-                            max_length=data.max_length, on_batch=advance)
+                                          on_layer=advance, on_grams=on_grams)
+        grams = gather_grams(load_full_precision_model(source), tokenizer, data.texts, modules,
+                             max_length=data.max_length, on_batch=advance)
+        if on_grams is None:
+            return grams
+        on_grams(grams.grams)
+        return replace(grams, grams={})
     finally:
         bar.close()
 

@@ -212,6 +212,21 @@ class GramHooks:
             self.sums[name] = product if name not in self.sums else self.sums[name] + product
         return hook
 
+    def pop(self, names: Sequence[str], tokens: int) -> dict[str, torch.Tensor]:
+        """The mean Grams of `names` (finished: nothing more will run through them), taken out of the sums so that
+        they can leave this process; names that share a Gram share the tensor. Names that never ran are left out."""
+        means: dict[str, torch.Tensor] = {}
+        out: dict[str, torch.Tensor] = {}
+        for name in names:
+            target = self.alias.pop(name, name)
+            if target not in means:
+                total = self.sums.pop(target, None)
+                if total is None:
+                    continue
+                means[target] = (total / max(tokens, 1)).cpu()
+            out[name] = means[target]
+        return out
+
     def grams(self, tokens: int) -> dict[str, torch.Tensor]:
         """The mean Gram of every hooked module that ran (on the CPU); modules that share one map to one tensor."""
         grams = {name: (total / max(tokens, 1)).cpu() for name, total in self.sums.items()}

@@ -70,13 +70,17 @@ def meta_model(source: ModelSource) -> nn.Module:
 def gather_grams_layerwise(source: ModelSource, tokenizer, texts: Sequence[str], modules: Sequence[str], *,
                            max_length: int = DEFAULT_MAX_LENGTH, batch_size: int = 8,
                            on_layer: Callable[[int, int], None] | None = None,
+                           on_grams: Callable[[dict[str, torch.Tensor]], None] | None = None,
                            model: nn.Module | None = None) -> CalibrationGrams:
     """The mean input Gram matrix of each named linear module of `source`'s model, as `gather_grams` returns them
     for the whole model, computed one decoder layer at a time (see the module docstring).
 
     `modules` are names from the model's `named_modules()` inside its decoder layers: a missing name is a KeyError
     naming it, one outside the decoder layers a ValueError. `on_layer(done, total)` is called after each layer run
-    (total: up to the last layer with a target). `model` is a skeleton from `meta_model(source)` to use (to observe
+    (total: up to the last layer with a target). `on_grams(grams)`, if given, receives each layer's finished Gram
+    matrices as soon as the layer has run, and they are dropped here (at 7B shapes all of them are ~22 GB: the
+    caller sends each layer's on, e.g. to Ray's object store); the result's `grams` then holds none. `model` is a
+    skeleton from `meta_model(source)` to use (to observe
     it); by default one is built here. ValueError for a model type without the Llama-family layout."""
     model = (model if model is not None else meta_model(source)).eval()  # no dropout, as gather_grams
     base, layers, prefix = _decoder_layout(model, source)
@@ -89,15 +93,17 @@ def gather_grams_layerwise(source: ModelSource, tokenizer, texts: Sequence[str],
     hooks = GramHooks()
     handles = hooks.attach({name: found[name] for names in by_layer for name in names})
     total = max((i + 1 for i, names in enumerate(by_layer) if names), default=0)
+    tokens = sum(int(mask.sum()) for mask in masks)
     try:
         for i in range(total):
             _run_layer(layers[i], f"{prefix}.{i}.", hidden, [call[i] for call in calls], masks, hooks, source, dtype)
+            if on_grams is not None:
+                on_grams(hooks.pop(by_layer[i], tokens))
             if on_layer is not None:
                 on_layer(i + 1, total)
     finally:
         for handle in handles:
             handle.remove()
-    tokens = sum(int(mask.sum()) for mask in masks)
     return CalibrationGrams(hooks.grams(tokens), tokens, len(texts), calibration_fingerprint(texts, max_length))
 
 

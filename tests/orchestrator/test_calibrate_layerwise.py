@@ -57,3 +57,38 @@ def test_the_switch_without_the_environment_follows_the_models_size(models, monk
     # the size it compares: every stored tensor's bytes, which is the weight file less its JSON header
     size = sum(os.path.getsize(os.path.join(llama.path, f)) for f in llama.files)
     assert size - 100_000 < weights_bytes(llama) <= size
+
+
+def test_the_grams_leave_the_driver_layer_by_layer(models, monkeypatch):
+    llama, _ = models
+    modules = llama.select_targets(["all-linear"])
+    monkeypatch.setenv(LAYERWISE_ENV, "0")
+    whole = gather_build_grams(request(llama), modules, progress=False)
+    monkeypatch.setenv(LAYERWISE_ENV, "1")
+    parts: list[dict] = []
+    streamed = gather_build_grams(request(llama), modules, progress=False, on_grams=parts.append)
+    assert streamed.grams == {} and streamed.tokens == whole.tokens  # the driver keeps counts, not matrices
+    assert [sorted({name.split(".")[2] for name in part}) for part in parts] == [["0"], ["1"]]  # one per layer
+    for part in parts:
+        for name, gram in part.items():
+            torch.testing.assert_close(gram, whole.grams[name], rtol=1e-5, atol=1e-6)
+    merged = {name: gram for part in parts for name, gram in part.items()}
+    assert set(merged) == set(modules)
+    assert merged["model.layers.1.mlp.gate_proj"] is merged["model.layers.1.mlp.up_proj"]  # one object-store entry
+
+
+def test_a_layer_by_layer_build_is_the_whole_model_build(models, monkeypatch, tmp_path):
+    from orchestrator.build import ensure_base
+    from orchestrator.cache import BaseCache
+    from orchestrator.entry import load_entry_tensors
+
+    llama, _ = models
+    entries = {}
+    for forced in ("0", "1"):
+        monkeypatch.setenv(LAYERWISE_ENV, forced)
+        cache = BaseCache(str(tmp_path / f"cache-{forced}"))
+        entry = ensure_base(request(llama), cache, actors=1, progress=False)
+        entries[forced] = load_entry_tensors(cache, entry.name, rank=4)
+    assert set(entries["0"]) == set(entries["1"]) and any(name.endswith("lora_A") for name in entries["0"])
+    for name, tensor in entries["0"].items():
+        assert torch.equal(tensor, entries["1"][name]), name
