@@ -87,10 +87,10 @@ def test_killed_actor_gives_an_identical_entry(tmp_path, tiny_llama):
 
     def kill_one_actor(done: int, total: int) -> None:
         if done == 2 and not killed:
-            for proc in psutil.process_iter(["pid", "cmdline"]):
-                if any("MatrixWorker" in part for part in proc.info["cmdline"] or []):
-                    os.kill(proc.info["pid"], signal.SIGKILL)
-                    killed.append(proc.info["pid"])
+            for proc in psutil.Process().children(recursive=True):  # this test's Ray only, not another's
+                if any("MatrixWorker" in part for part in _cmdline(proc)):
+                    os.kill(proc.pid, signal.SIGKILL)
+                    killed.append(proc.pid)
                     return
 
     faulted = ensure_base(req, BaseCache(str(tmp_path / "faulted")), actors=2, progress=False,
@@ -259,3 +259,11 @@ def test_model_without_a_tokenizer_stores_none(tmp_path):
     built = ensure_base(request_for(source, kind="int", bits=4, rank=4, iters=1), cache, progress=False)
     assert entry_tokenizer_files(cache, built.name) == {}
     assert [p.rsplit("/", 1)[-1] for p in built.manifest["files"] if p.endswith(".json")] == ["config.json"]
+
+
+def _cmdline(proc) -> list[str]:
+    """A process's arguments, or none for one that has exited meanwhile."""
+    try:
+        return proc.cmdline()
+    except psutil.Error:
+        return []

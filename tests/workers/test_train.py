@@ -71,10 +71,12 @@ def test_killed_worker_resumes_from_its_checkpoint(minilm_base, tmp_path):
         deadline = time.time() + 300
         while time.time() < deadline and not killed:
             if len(glob.glob(str(tmp_path / "resume" / "checkpoint_*"))) >= 2:
-                for proc in psutil.process_iter(["pid", "cmdline"]):
-                    if any("RayTrainWorker" in part for part in proc.info["cmdline"] or []):
-                        os.kill(proc.info["pid"], signal.SIGKILL)
-                        killed.append(proc.info["pid"])
+                # only this test's workers: Ray was started by this process, so they descend from it (another
+                # Ray on the machine, e.g. a benchmark's, must not lose a worker to this test)
+                for proc in psutil.Process().children(recursive=True):
+                    if any("RayTrainWorker" in part for part in _cmdline(proc)):
+                        os.kill(proc.pid, signal.SIGKILL)
+                        killed.append(proc.pid)
                         return
             time.sleep(0.2)
 
@@ -218,3 +220,11 @@ def test_resume_from_the_final_checkpoint_reports_what_the_run_finished_with(bf1
     assert again.metrics["step"] == again.metrics["resumed_from"] == 12
     assert again.metrics["eval_accuracy"] == result.metrics["eval_accuracy"]
     assert again.metrics["loss"] == result.metrics["loss"]
+
+
+def _cmdline(proc) -> list[str]:
+    """A process's arguments, or none for one that has exited meanwhile."""
+    try:
+        return proc.cmdline()
+    except psutil.Error:
+        return []
