@@ -3,10 +3,13 @@
     python -m bench.bench_fidelity --out fidelity.jsonl       # 9 rows x 3 seeds x 2 lrs x 400 steps: ~8 CPU-hours
     python -m bench.bench_fidelity --steps 60 --seeds 0 --lrs 1e-3 --rows loftq-nf2   # a quick estimate
     python -m bench.bench_fidelity --out fidelity.jsonl --table   # print the tables of a (partial) run
+    python -m bench.bench_fidelity --lrs 1e-3 --seeds 2 --rows loftq-nf2 --grad-clip 0 --trace trace.jsonl
+                                                                  # one run unclipped, its norms every 10 steps
 
 Every row trains the same way: the same fixed train / test split, rank 16 adapters (alpha 32) on all 36
 encoder linears plus a fresh classification head, AdamW without weight decay (decay would shrink LoftQ's
-non-zero start towards QLoRA's), 20 warmup steps then linear decay, the same steps, batch and learning rate,
+non-zero start towards QLoRA's), 20 warmup steps then linear decay, the global gradient norm clipped at 1.0 as the
+service clips it (`--grad-clip`; the issue-5 tables ran unclipped), the same steps, batch and learning rate,
 one process. The default run is one epoch: `--steps` x `--batch` training examples, each seen once.
 LoRA rows use group 64; QA-LoRA rows use group 16 (its adapter has in/group_size inputs, which must be >= rank).
 
@@ -84,8 +87,9 @@ def train_and_test(model: torch.nn.Module, data: TaskData, steps: int, batch: in
                    grad_clip: float | None = None, trace: list | None = None) -> dict:
     """Train the trainable parameters for `steps` batches in a seeded order, then score the test split.
 
-    `grad_clip`: clip the global gradient norm to it (the service's training loop clips at 1.0 by default; the
-    recorded tables ran without). `trace`: a list that gets `trace_point` every TRACE_EVERY steps."""
+    `grad_clip`: clip the global gradient norm to it (None: no clipping; the service's training loop clips at 1.0
+    by default, BENCHMARKS.md section 4 shows what an unclipped step can do at 2 bits). `trace`: a list that gets
+    `trace_point` every TRACE_EVERY steps."""
     torch.manual_seed(seed)  # BERT's hidden dropout
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
@@ -232,14 +236,15 @@ def main() -> None:
     parser.add_argument("--rows", default=",".join(r.name for r in ROWS))
     parser.add_argument("--out", help="JSON lines file: one line per finished run; existing runs are skipped")
     parser.add_argument("--table", action="store_true", help="only print the tables of the runs in --out")
-    parser.add_argument("--grad-clip", type=float, default=None,
-                        help="clip the global gradient norm (the service's default is 1.0; the tables ran without); "
-                             "give clipped runs their own --out")
+    parser.add_argument("--grad-clip", type=float, default=1.0,
+                        help="clip the global gradient norm, as the service does by default (training.grad_clip); "
+                             "0: no clipping, as the issue-5 tables ran (give each setting its own --out)")
     parser.add_argument("--trace", help="JSON lines file: per run, loss / gradient / adapter norms every "
                                         f"{TRACE_EVERY} steps")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (on 2 busy cores one thread per process is several times faster)")
     args = parser.parse_args()
+    args.grad_clip = args.grad_clip or None
     torch.set_num_threads(args.threads)
     rows = [r for r in ROWS if r.name in args.rows.split(",")]
     runs = read_runs(args.out)

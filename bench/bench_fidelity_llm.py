@@ -98,27 +98,35 @@ def chosen_lr(rows: list[dict]) -> float:
     return float(best["lr"])
 
 
-def paired(a: list[float], b: list[float]) -> str:
-    """Mean +- standard error of the per-seed differences a - b."""
+def paired(a: list[float], b: list[float], digits: int = 2) -> str:
+    """Mean +- standard error of the per-seed differences a - b (seed by seed: both lists in seed order)."""
     diffs = [x - y for x, y in zip(a, b, strict=True)]
     se = statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else float("nan")
-    return f"{statistics.fmean(diffs):+7.2f} +- {se:.2f}"
+    return f"{statistics.fmean(diffs):+.{digits}f} +- {se:.{digits}f}"
+
+
+def seed_of(trial: dict) -> int:
+    """A test trial's training seed: its id ends in -s<seed> (the leaderboard lists trials by place, not seed)."""
+    return int(trial["trial"].rsplit("-s", 1)[1])
 
 
 def table(results: dict[str, dict]) -> str:
-    lines = [f"{'row':<20} {'lr':>8} {'seeds':>5} {'exact match %':>15} {'answer ppl':>11}"]
+    results = {row: {**r, "test": sorted(r["test"], key=seed_of)} for row, r in results.items()}
+    lines = [f"{'row':<20} {'lr':>8} {'seeds':>5} {'exact match %':>15} {'answer loss':>11} {'answer ppl':>11}"]
     for row, r in results.items():
         em = [100 * t["value"] for t in r["test"]]
         ppl = [t.get("eval_perplexity") or float("nan") for t in r["test"]]
         spread = f"{statistics.stdev(em):.2f}" if len(em) > 1 else "-"
         given = " (given)" if r.get("lr_chosen_by") == "given" else ""
+        loss = statistics.fmean(t.get("eval_loss") or float("nan") for t in r["test"])
         lines.append(f"{row:<20} {r['lr']:>8.0e} {len(em):>5} {statistics.fmean(em):>8.2f} +- {spread:<4} "
-                     f"{statistics.fmean(ppl):>11.3f}{given}")
-    lines += ["", f"{'paired by seed':<40} {'d exact match (points)':>24}"]
+                     f"{loss:>11.3f} {statistics.fmean(ppl):>11.3f}{given}")
+    lines += ["", f"{'paired by seed':<40} {'d exact match (points)':>24} {'d answer loss':>18}"]
     for row, base in PAIRS:
         if row in results and base in results:
             em = [[100 * t["value"] for t in results[name]["test"]] for name in (row, base)]
-            lines.append(f"{row + ' - ' + base:<40} {paired(*em):>24}")
+            loss = [[t.get("eval_loss") or float("nan") for t in results[name]["test"]] for name in (row, base)]
+            lines.append(f"{row + ' - ' + base:<40} {paired(*em):>24} {paired(*loss, digits=3):>18}")
     return "\n".join(lines)
 
 
