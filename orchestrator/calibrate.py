@@ -30,7 +30,12 @@ from tqdm import tqdm
 
 from orchestrator.build_request import BuildRequest
 from workers.calibration import CalibrationGrams, gather_grams
-from workers.calibration_layerwise import LAYERWISE_MODEL_TYPES, gather_grams_layerwise, supports_layerwise
+from workers.calibration_layerwise import (
+    LAYERWISE_MODEL_TYPES,
+    gather_grams_layerwise,
+    model_class,
+    supports_layerwise,
+)
 from workers.model_source import ModelSource
 
 LAYERWISE_ENV = "LOFTUNE_CALIBRATE_LAYERWISE"  # "1": always layer by layer, "0": never; unset: by the model's size
@@ -41,12 +46,7 @@ DTYPE_BYTES = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16"
 
 def load_full_precision_model(source: ModelSource) -> torch.nn.Module:
     """The model of `source` as its config names it (so module names match the weight files), in eval mode."""
-    import transformers
-
-    architectures = source.config.get("architectures") or []
-    model_class = getattr(transformers, architectures[0], None) if architectures else None
-    model_class = model_class or transformers.AutoModel
-    return model_class.from_pretrained(source.path, dtype="auto").eval()
+    return model_class(source).from_pretrained(source.path, dtype="auto").eval()
 
 
 def gather_build_grams(request: BuildRequest, modules: list[str], progress: bool,

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from orchestrator.errors import Problem
-from workers.calibration import DEFAULT_MAX_LENGTH, DEFAULT_SAMPLES
+from workers.calibration import DEFAULT_MAX_LENGTH, DEFAULT_SAMPLES, damping_problem
 from workers.cloq import DAMPING
 from workers.entry_format import FULL_PRECISION_BITS, METHODS
 from workers.messages import brief
@@ -43,9 +43,7 @@ class Calibration:
 
     def problems(self, path: str) -> list[Problem]:
         out = at_least(f"{path}.samples", self.samples, 1) + at_least(f"{path}.max_length", self.max_length, 1)
-        if not isinstance(self.damping, (int, float)) or not 0 < self.damping < float("inf"):
-            out.append(Problem(f"{path}.damping", f"expected a number > 0 (default {DAMPING:g}), "
-                                                  f"got {brief(self.damping)}"))
+        out += at_path(f"{path}.damping", damping_problem(self.damping))
         if self.column is not None and self.file is None:
             out.append(Problem(f"{path}.column", "goes with calibration.file (a task's data has its own columns)"))
         return out

@@ -94,8 +94,8 @@ def read_calibration(source: CalibrationSource) -> CalibrationData:
         raise CalibrationError("calibration.samples", f"expected an integer >= 1, got {brief(source.samples)}")
     if not isinstance(source.max_length, int) or source.max_length < 1:
         raise CalibrationError("calibration.max_length", f"expected an integer >= 1, got {brief(source.max_length)}")
-    if not isinstance(source.damping, (int, float)) or not 0 < source.damping < float("inf"):
-        raise CalibrationError("calibration.damping", f"expected a number > 0, got {brief(source.damping)}")
+    if (problem := damping_problem(source.damping)) is not None:
+        raise CalibrationError("calibration.damping", problem)
     data = _read_rows(source)
     rows = range(data.num_rows)
     if source.holdout is not None:  # a task's training rows only (workers.tasks.split_indices), in file order
@@ -115,6 +115,13 @@ def read_calibration(source: CalibrationSource) -> CalibrationData:
         raise CalibrationError("calibration.file", f"{clip(file, 300)} has no non-empty text in column(s) "
                                f"{brief(list(source.columns))}")
     return CalibrationData(tuple(texts), source.max_length, f"{file} [{', '.join(source.columns)}]", source.damping)
+
+
+def damping_problem(damping) -> str | None:
+    """What is wrong with a damping value (the spec and `read_calibration` both ask), or None."""
+    if isinstance(damping, bool) or not isinstance(damping, (int, float)) or not 0 < damping < float("inf"):
+        return f"expected a number > 0 (default {DAMPING:g}), got {brief(damping)}"
+    return None
 
 
 def _read_rows(source: CalibrationSource):

@@ -60,11 +60,18 @@ def meta_model(source: ModelSource) -> nn.Module:
                          f"supports the Llama-family decoder layout ({', '.join(LAYERWISE_MODEL_TYPES)}): gather "
                          "its Gram matrices with the whole model loaded (workers.calibration.gather_grams)")
     config = transformers.AutoConfig.from_pretrained(source.path)
-    architectures = source.config.get("architectures") or []
-    model_class = getattr(transformers, architectures[0], None) if architectures else None
-    model_class = model_class or transformers.AutoModel
     with torch.device("meta"):
-        return model_class(config).eval()
+        return model_class(source)(config).eval()
+
+
+def model_class(source: ModelSource) -> type:
+    """The transformers class the model's config names (`architectures`), else AutoModel: the one both
+    calibration paths build, so module names match the weight files."""
+    import transformers
+
+    architectures = source.config.get("architectures") or []
+    found = getattr(transformers, architectures[0], None) if architectures else None
+    return found or transformers.AutoModel
 
 
 def gather_grams_layerwise(source: ModelSource, tokenizer, texts: Sequence[str], modules: Sequence[str], *,

@@ -192,7 +192,7 @@ def test_loftune_quantize_builds_a_cloq_base_and_names_a_missing_file(tmp_path):
     assert manifest["key"]["calibration"] == CalibrationData(TEXTS[:4], 512).key_fields()
     bad = loftune(*common, "--calibration-file", str(data), "--calibration-column", "line",
                   "--calibration-damping", "0", cache=cache)
-    assert bad.returncode == 2 and "--calibration-damping: expected a number > 0, got 0" in bad.stderr
+    assert bad.returncode == 2 and "--calibration-damping: expected a number > 0 (default 1), got 0" in bad.stderr
 
 
 @pytest.mark.slow
