@@ -63,6 +63,8 @@ def job_spec(row: str, phase: str, args: argparse.Namespace, lr: float | None) -
     else:
         task.update(eval_file=os.path.join(DATA, "arithmetic-test.jsonl"), max_eval_samples=args.test)
     sweep = {"mode": "grid", "metric": "eval_exact_match"}
+    if args.concurrent:
+        sweep["max_concurrent_trials"] = args.concurrent
     if phase == "select":
         sweep["lr"] = args.lrs
     else:  # grid mode runs its one point num_samples times, each with a new training seed
@@ -142,6 +144,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3, help="training seeds of the test phase")
     parser.add_argument("--validation", type=int, default=200, help="validation problems the lr is chosen on")
     parser.add_argument("--test", type=int, default=500, help="test problems scored")
+    parser.add_argument("--concurrent", type=int, default=None, help="trials at once per phase (default: as many "
+                                                                     "as the CPUs fit; 1 lets rows run side by side)")
     parser.add_argument("--cache", default=os.path.expanduser("~/.cache/loftune-bench/fidelity-llm"))
     parser.add_argument("--out", default="runs/fidelity-llm")
     parser.add_argument("--table", action="store_true", help="only print the tables of what has run")

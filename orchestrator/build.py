@@ -158,7 +158,9 @@ def _build_locked(request, key, cache, manifest, jobs, shapes, actors, threads_p
         model_files = model_json_files(request.source)  # before Ray starts: a bad tokenizer fails fast
     connect(address)
     calibration, gram_refs = None, {}
-    if request.calibration is not None:  # before the actors start: the driver runs the model once
+    # before the actors start: the driver runs the model once (data that only scores the base is skipped when
+    # only factors are added: their matrices are not recorded)
+    if request.calibration is not None and (manifest is None or request.calibrated):
         calibration = gather_build_grams(request, [j.module for j in jobs], progress,
                                          on_grams=lambda grams: gram_refs.update(put_grams(grams)))
     bar = tqdm(total=len(jobs), desc=f"quantize {key.name}", unit="matrix", disable=not progress, file=sys.stderr)
@@ -298,8 +300,8 @@ def _matrix_record(result: MatrixResult, shapes: dict, request: BuildRequest) ->
     record = {"shape": list(shapes[result.module]), "quant": quant, "quant_error": result.quant_error,
               "errors": result.errors, "seconds": round(result.seconds, 4), "device": result.device,
               "node": result.node}
-    if result.weight_error is not None:  # a calibrated method: `errors` are output errors, this the weight's
-        record["weight_error"] = result.weight_error
+    if result.output_error is not None:  # calibration data was there: the final error in both norms
+        record["weight_error"], record["output_error"] = result.weight_error, result.output_error
     return record
 
 

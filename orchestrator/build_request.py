@@ -33,7 +33,9 @@ class BuildRequest:
     `plan` None with method 'lora' is the full-precision control (bits 16): its entry holds the target weights in
     bf16 (no codes, no factors, error 0), built through the same actors. `full_precision` makes one.
     A calibrated method (cloq) needs `calibration`, the texts whose layer inputs weight its low-rank step; their
-    fingerprint is part of the key.
+    fingerprint is part of the key. Any other quantized method may take it too: it then only scores the base (each
+    matrix's output error on those inputs goes into the manifest) and stays out of the key, since it does not
+    change a single stored byte.
     """
 
     source: ModelSource
@@ -46,10 +48,17 @@ class BuildRequest:
     calibration: CalibrationData | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
-        if (self.method in CALIBRATED_METHODS) != (self.calibration is not None):
-            needs = "needs calibration data (texts whose layer inputs weight its low-rank step)"
-            raise BuildInputError(f"calibration: method {self.method!r} " + (
-                needs if self.method in CALIBRATED_METHODS else f"takes none (only {list(CALIBRATED_METHODS)} do)"))
+        if self.method in CALIBRATED_METHODS and self.calibration is None:
+            raise BuildInputError(f"calibration: method {self.method!r} needs calibration data (texts whose layer "
+                                  f"inputs weight its low-rank step)")
+        if self.plan is None and self.calibration is not None:
+            raise BuildInputError("calibration: the full-precision control (bits 16) takes none: it has no "
+                                  "quantization error to score")
+
+    @property
+    def calibrated(self) -> bool:
+        """Whether the calibration data shapes the base (a calibrated method), not only scores it."""
+        return self.method in CALIBRATED_METHODS
 
     @classmethod
     def full_precision(cls, source: ModelSource, *, rank: int = 16, targets: tuple[str, ...] = ("all-linear",),
@@ -77,7 +86,7 @@ class BuildRequest:
         return BaseCacheKey(model=self.source.name, fingerprint=self.source.fingerprint, quant=quant,
                             quant_label=self.label, method=self.method, iters=self.effective_iters,
                             rank=self.rank, targets=tuple(sorted(self.targets)),
-                            calibration=None if self.calibration is None else self.calibration.key_fields())
+                            calibration=self.calibration.key_fields() if self.calibrated else None)
 
     @property
     def stores_factors(self) -> bool:

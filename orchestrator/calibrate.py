@@ -130,6 +130,9 @@ def calibration_record(request: BuildRequest, grams: CalibrationGrams | None) ->
     if grams is None:
         return {}
     data = request.calibration
+    role = "weights the low-rank step (in the key)" if request.calibrated else "scores output_error only (not in " \
+        "the key: an entry built without it has no output_error)"
+    metric = "output_error (and a calibrated method's errors): ||(W - Q - BA) R^T|| / ||W R^T||, R^T R = X^T X + lambda"
     return {"calibration": {"origin": data.origin, "samples": grams.samples, "tokens": grams.tokens,
                             "max_length": data.max_length, "fingerprint": grams.fingerprint, "damping": data.damping,
-                            "error_metric": "output: ||(W - Q - BA) R^T|| / ||W R^T||, R^T R = X^T X + damping"}}
+                            "role": role, "error_metric": metric}}

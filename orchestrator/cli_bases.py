@@ -40,21 +40,21 @@ def _quantization(args: argparse.Namespace):
 
 
 def _calibration_data(q):
-    """The calibration data of a calibrated method (the --calibration-* flags), else None; the flags without
-    such a method, or such a method without a file, are invalid input."""
+    """The calibration data the --calibration-* flags name, else None: it weights a calibrated method's step and
+    scores any other method's base (output errors in the manifest). Flags without a file are invalid input, and
+    so is a calibrated method without one."""
     from orchestrator.plan import file_calibration_source
     from workers.calibration import CalibrationError, read_calibration
     from workers.entry_format import CALIBRATED_METHODS
 
     c = q.calibration
-    if q.method not in CALIBRATED_METHODS:
-        if c is not None:
-            raise InvalidInputError(f"--calibration-*: only a calibrated method ({list(CALIBRATED_METHODS)}) uses "
-                                    f"calibration data; --method is {q.method!r}")
+    if c is None and q.method not in CALIBRATED_METHODS:
         return None
     if c is None or c.file is None:
-        raise InvalidInputError(f"--calibration-file: method {q.method!r} needs calibration data: a "
-                                f"json/jsonl/csv/parquet file (and --calibration-column, default 'text')")
+        why = f"method {q.method!r} needs calibration data" if q.method in CALIBRATED_METHODS else \
+            "the other --calibration-* flags need the data"
+        raise InvalidInputError(f"--calibration-file: {why}: a json/jsonl/csv/parquet file (and "
+                                f"--calibration-column, default 'text')")
     try:
         return read_calibration(file_calibration_source(c))
     except CalibrationError as exc:
@@ -167,8 +167,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--mixed-first-layers", "--first-layers", type=int, help="mixed precision: this many first "
                                                                              "blocks ...")
     q.add_argument("--mixed-bits", "--first-bits", type=int, help="... at these bits (the rest at --bits)")
-    q.add_argument("--calibration-file", help="method cloq: the texts whose layer inputs weight its low-rank step "
-                                              "(json / jsonl / csv / parquet)")
+    q.add_argument("--calibration-file", help="texts whose layer inputs weight cloq's low-rank step; with another "
+                                              "method they score the base (output errors in the manifest). json / "
+                                              "jsonl / csv / parquet")
     q.add_argument("--calibration-column", help="the file's text column (default 'text')")
     q.add_argument("--calibration-samples", type=int, help="how many texts (default 128)")
     q.add_argument("--calibration-max-length", type=int, help="tokens per text (default 512)")

@@ -105,19 +105,21 @@ def read_model_inputs(cache: BaseCache, name: str, *, rank: int = 0, init: str =
 
 
 def error_table(manifest: dict) -> str:
-    """Per layer type (layer index folded to '*'): matrices, mean plain-quantization and final LoftQ error; a
-    calibrated entry's errors are output errors (on its calibration inputs), followed by its weight error."""
+    """Per layer type (layer index folded to '*'): matrices, mean plain-quantization and final error (a
+    calibrated entry's are output errors, on its calibration inputs), and where calibration data was there, the
+    final error in both norms: weight ||W - Q - BA|| / ||W|| and output ||(W - Q - BA) R^T|| / ||W R^T||."""
     groups: dict[str, list[dict]] = {}
     for module, rec in manifest.get("matrices", {}).items():
         groups.setdefault(re.sub(r"\.\d+\.", ".*.", module), []).append(rec)
     width = max((len(k) for k in groups), default=10)
-    calibrated = "calibration" in manifest
+    scored = all("output_error" in r for recs in groups.values() for r in recs) and bool(groups)
     lines = [f"{'layer':<{width}} {'n':>3} {'quant':>9} {'qlora_err':>9} {'final_err':>9} {'ratio':>6}"
-             + (f" {'weight_err':>10}   (errors on the calibration inputs)" if calibrated else "")]
+             + (f" {'weight_err':>10} {'output_err':>10}   (output: on the calibration inputs)" if scored else "")]
     for layer, recs in sorted(groups.items()):
         q = statistics.fmean(r["quant_error"] for r in recs)
         f = statistics.fmean(min(r["errors"]) if r["errors"] else r["quant_error"] for r in recs)
         ratio = f"{f / q:6.3f}" if q else f"{'-':>6}"  # the bf16 control has no error to reduce
-        weight = f" {statistics.fmean(r['weight_error'] for r in recs):10.5f}" if calibrated else ""
-        lines.append(f"{layer:<{width}} {len(recs):>3} {recs[0]['quant']:>9} {q:9.5f} {f:9.5f} {ratio}{weight}")
+        both = (f" {statistics.fmean(r['weight_error'] for r in recs):10.5f}"
+                f" {statistics.fmean(r['output_error'] for r in recs):10.5f}") if scored else ""
+        lines.append(f"{layer:<{width}} {len(recs):>3} {recs[0]['quant']:>9} {q:9.5f} {f:9.5f} {ratio}{both}")
     return "\n".join(lines)

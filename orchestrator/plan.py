@@ -186,13 +186,12 @@ def quant_plan(q: Quantization, bits: int, group_size: int) -> QuantPlan:
 def build_request(q: Quantization, source: ModelSource, point: dict,
                   calibration: CalibrationData | None = None) -> BuildRequest:
     """The base one sweep point trains on: a quantized one, or the bf16 base of the full-precision control.
-    `calibration` is the data of a calibrated method (cloq); other methods ignore it."""
+    `calibration` weights a calibrated method's (cloq's) low-rank step and scores the other quantized bases
+    (their output errors in the manifest); the full-precision control has no error to score."""
     if point["bits"] == FULL_PRECISION_BITS:
         return BuildRequest.full_precision(source, rank=point["rank"], targets=tuple(q.targets))
-    calibrated = point["method"] in CALIBRATED_METHODS
     return BuildRequest(source, quant_plan(q, point["bits"], point["group_size"]), method=point["method"],
-                        rank=point["rank"], iters=q.iters, targets=tuple(q.targets),
-                        calibration=calibration if calibrated else None)
+                        rank=point["rank"], iters=q.iters, targets=tuple(q.targets), calibration=calibration)
 
 
 def file_calibration_source(c: Calibration) -> CalibrationSource:
@@ -246,8 +245,11 @@ def make_plan(spec: JobSpec, work_dir: str) -> Plan:
     if problems:
         raise SpecError(list(dict.fromkeys(problems)))
     repeated = spec.sweep.mode == "random" or spec.sweep.num_samples > 1
-    calibrated = any(p["method"] in CALIBRATED_METHODS and p["bits"] != FULL_PRECISION_BITS for p in points)
-    calibration = read_spec_calibration(spec) if calibrated else None
+    # calibration data is read for a calibrated method, or when the spec names it (then it scores every base)
+    quantized = [p for p in points if p["bits"] != FULL_PRECISION_BITS]
+    calibrated = any(p["method"] in CALIBRATED_METHODS for p in quantized)
+    wanted = calibrated or (q.calibration is not None and bool(quantized))
+    calibration = read_spec_calibration(spec) if wanted else None
     trials, builds = [], {}
     for task in spec.tasks:
         for point in points:

@@ -56,14 +56,12 @@ def cross_field_problems(q: Quantization, sweep: Sweep, adapter: Adapter, tasks:
 
 
 def _calibration_problems(q: Quantization, methods: list[str]) -> list[Problem]:
-    """A calibrated method alternates at least once; calibration data serves only a calibrated method."""
+    """A calibrated method alternates at least once. (Calibration data beside uncalibrated methods only scores
+    their bases: each matrix's output error goes into the manifest.)"""
     calibrated = [m for m in methods if m in CALIBRATED_METHODS]
     if calibrated and q.iters < 1:
         return [Problem("quantization.iters", f"{calibrated[0]!r} alternates quantization with its weighted "
                                               f"low-rank step at least once: expected >= 1, got {q.iters}")]
-    if q.calibration is not None and not calibrated:
-        return [Problem("quantization.calibration", f"only a calibrated method ({list(CALIBRATED_METHODS)}) uses "
-                                                    f"calibration data; the methods here are {methods}")]
     return []
 
 
@@ -95,7 +93,8 @@ def _full_precision_problems(q: Quantization, sweep: Sweep, init: str | None) ->
     if sweep.group_size:
         out.append(Problem("sweep.group_size", f"{why}, which has no quantization groups; remove sweep.group_size, "
                                                f"{fix}"))
-    for name, given in (("mixed", q.mixed is not None), ("overrides", bool(q.overrides))):
+    for name, given in (("mixed", q.mixed is not None), ("overrides", bool(q.overrides)),
+                        ("calibration", q.calibration is not None)):
         if given:
             out.append(Problem(f"quantization.{name}", f"{why}, which quantizes no layer; remove quantization.{name}, "
                                                        f"{fix}"))

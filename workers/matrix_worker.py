@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from workers.cloq import calibrated_init
+from workers.cloq import DAMPING, WeightedStep, calibrated_init
 from workers.entry_format import (
     CALIBRATED_METHODS,
     FULL_PRECISION_DTYPE_NAME,
@@ -26,7 +26,7 @@ from workers.entry_format import (
     fp_weight_name,
     qweight_tensors,
 )
-from workers.loftq import adapter_delta, loftq_init
+from workers.loftq import LoftQResult, adapter_delta, loftq_init
 from workers.quant import QuantSpec, dequantize
 
 FULL_PRECISION_DTYPE = getattr(torch, FULL_PRECISION_DTYPE_NAME)
@@ -58,7 +58,10 @@ class MatrixResult:
     seconds: float = 0.0
     device: str = "cpu"
     node: str = ""  # the Ray node that ran it (provenance for the manifest; never part of the cache key)
-    weight_error: float | None = None  # a calibrated method's ||W - Q - BA|| / ||W|| (its `errors` are weighted)
+    # with a Gram matrix (calibration data was there): the final ||W - Q - BA|| / ||W|| and its output error
+    # ||(W - Q - BA) R^T|| / ||W R^T||, for every method (a calibrated method's `errors` are output errors too)
+    weight_error: float | None = None
+    output_error: float | None = None
 
 
 class MatrixWorker:
@@ -80,7 +83,9 @@ class MatrixWorker:
             name = fp_weight_name(job.module)
             tensors = {name: weight.to(FULL_PRECISION_DTYPE).contiguous()} if job.want_base else {}
             return MatrixResult(job.module, tensors, 0.0, [], time.perf_counter() - start, "cpu", self.node)
-        res, weight_error = self._initialize(job, weight.to(self.device), gram)
+        weight = weight.to(self.device)
+        gram = None if gram is None else gram.to(self.device)
+        res = self._initialize(job, weight, gram)
         tensors: dict[str, torch.Tensor] = {}
         if job.want_base:
             parts = {part: t.cpu().contiguous() for part, t in res.quantized.state_dict().items()}
@@ -88,23 +93,33 @@ class MatrixWorker:
         if job.iters > 0:  # QLoRA (iters 0) starts from random A and B = 0: nothing to store
             name_a, name_b = factor_names(job.module)
             tensors[name_a], tensors[name_b] = res.lora_A.cpu().contiguous(), res.lora_B.cpu().contiguous()
+        weight_error, output_error = (None, None) if gram is None else final_errors(weight, res, gram, job)
         return MatrixResult(job.module, tensors, res.quant_error, res.errors, time.perf_counter() - start,
-                            str(self.device), self.node, weight_error)
+                            str(self.device), self.node, weight_error, output_error)
 
-    def _initialize(self, job: MatrixJob, weight: torch.Tensor, gram: torch.Tensor | None):
-        """(LoftQResult, unweighted error or None): LoftQ, or the calibrated step when the method has one."""
+    def _initialize(self, job: MatrixJob, weight: torch.Tensor, gram: torch.Tensor | None) -> LoftQResult:
+        """LoftQ (QLoRA at iters 0), or the calibrated step when the method has one."""
+        adapter = adapter_for(job.method)
         if job.method not in CALIBRATED_METHODS:
-            return loftq_init(weight, job.spec, job.rank, job.iters, scale=1.0, adapter=adapter_for(job.method),
-                              seed=job.matrix_seed), None
+            return loftq_init(weight, job.spec, job.rank, job.iters, scale=1.0, adapter=adapter, seed=job.matrix_seed)
         if gram is None:
             raise ValueError(f"{job.module}: method {job.method!r} needs the layer's input Gram matrix")
-        adapter = adapter_for(job.method)
-        res = calibrated_init(weight, gram.to(weight.device), job.spec, job.rank, job.iters, scale=1.0,
-                              svd="randomized", adapter=adapter, damping=job.damping, seed=job.matrix_seed)
-        approx = dequantize(res.quantized).float() + adapter_delta(res.lora_A, res.lora_B, res.scale, adapter,
-                                                                   job.spec.group_size)
-        w = weight.float()
-        return res, (torch.linalg.vector_norm(w - approx) / torch.linalg.vector_norm(w)).item()
+        return calibrated_init(weight, gram, job.spec, job.rank, job.iters, scale=1.0, svd="randomized",
+                               adapter=adapter, damping=job.damping, seed=job.matrix_seed)
+
+
+def final_errors(weight: torch.Tensor, res: LoftQResult, gram: torch.Tensor, job: MatrixJob) -> tuple[float, float]:
+    """(weight error, output error) of the stored Q + BA (Q alone without factors), relative: the output error
+    in the norm of workers/cloq.py, ||E R^T|| with R^T R = X^T X + the job's damping, so every method's entry
+    is scored alike."""
+    approx = dequantize(res.quantized).float()
+    if job.iters > 0:  # QLoRA stores no factors: it starts from Q
+        approx = approx + adapter_delta(res.lora_A, res.lora_B, res.scale, adapter_for(job.method),
+                                        job.spec.group_size)
+    w = weight.float()
+    step = WeightedStep(gram, 1, DAMPING if job.damping is None else job.damping)
+    weight_error = (torch.linalg.vector_norm(w - approx) / torch.linalg.vector_norm(w)).item()
+    return weight_error, step.norm(w - approx) / (step.norm(w) or 1.0)
 
 
 def _ray_node_id() -> str:

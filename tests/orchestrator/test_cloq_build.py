@@ -58,8 +58,12 @@ def test_the_key_holds_the_calibration_data_and_old_keys_stay_as_they_were():
 def test_a_build_request_says_what_calibration_it_lacks(tiny_llama):
     with pytest.raises(BuildInputError, match="calibration: method 'cloq' needs calibration data"):
         request(tiny_llama, calibration=None)
-    with pytest.raises(BuildInputError, match="calibration: method 'loftq' takes none"):
-        request(tiny_llama, method="loftq")
+    with pytest.raises(BuildInputError, match=r"calibration: the full-precision control \(bits 16\) takes none"):
+        BuildRequest(tiny_llama, None, method="lora", iters=0, calibration=CALIBRATION)
+    # data that only scores a LoftQ or QLoRA base changes none of its bytes: the same entry
+    for method in ("loftq", "qlora"):
+        scored, plain = (request(tiny_llama, method=method, calibration=c) for c in (CALIBRATION, None))
+        assert scored.key() == plain.key() and "calibration" not in scored.key().fields()
 
 
 def output_errors(source, cache, name: str, grams: dict) -> dict[str, float]:
@@ -83,7 +87,8 @@ def test_cloq_builds_through_the_actors_and_beats_loftq_on_its_inputs(tiny_llama
     assert record["fingerprint"] == CALIBRATION.fingerprint and record["samples"] == len(TEXTS)
     assert record["tokens"] > len(TEXTS) and cloq.manifest["method"] == "cloq"
     assert all(0 < m["weight_error"] < 1 for m in cloq.manifest["matrices"].values())
-    assert "weight_err" in error_table(cloq.manifest) and "weight_err" not in error_table(loftq.manifest)
+    assert "output_err" in error_table(cloq.manifest) and "output_err" not in error_table(loftq.manifest)
+    assert "output_error" not in loftq.manifest["matrices"][sorted(loftq.manifest["matrices"])[0]]
 
     import transformers
 
@@ -96,6 +101,30 @@ def test_cloq_builds_through_the_actors_and_beats_loftq_on_its_inputs(tiny_llama
         assert calibrated[module] <= plain[module] * 1.001, module
     recorded = {m: min(r["errors"]) for m, r in cloq.manifest["matrices"].items()}
     assert all(abs(recorded[m] - calibrated[m]) < 1e-3 for m in targets)  # the manifest says what it is
+    assert all(abs(cloq.manifest["matrices"][m]["output_error"] - calibrated[m]) < 1e-3 for m in targets)
+
+
+def test_calibration_data_scores_a_loftq_and_a_qlora_base_in_both_norms(tiny_llama, tmp_path):
+    cache = BaseCache(str(tmp_path / "cache"))
+    loftq, qlora = (ensure_base(request(tiny_llama, method=m), cache, actors=2, progress=False)
+                    for m in ("loftq", "qlora"))
+    assert loftq.manifest["calibration"]["role"].startswith("scores output_error only")
+    assert loftq.name == request(tiny_llama, method="loftq", calibration=None).key().name
+
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_llama.path, dtype="auto")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tiny_llama.path)
+    targets = sorted(loftq.manifest["matrices"])
+    grams = gather_grams(model, tokenizer, TEXTS, targets, max_length=48).grams
+    expected = output_errors(tiny_llama, cache, loftq.name, grams)
+    for module in targets:
+        rec, plain = loftq.manifest["matrices"][module], qlora.manifest["matrices"][module]
+        assert abs(rec["output_error"] - expected[module]) < 1e-3, module  # the norm cloq minimizes
+        assert abs(rec["weight_error"] - min(rec["errors"])) < 1e-4, module  # LoftQ's errors are weight errors
+        # QLoRA's base is the plain quantization: both of its errors are that of Q alone
+        assert abs(plain["weight_error"] - plain["quant_error"]) < 1e-4 and plain["output_error"] > 0
+    assert "output_err" in error_table(loftq.manifest)
 
 
 def test_a_cloq_build_is_deterministic_and_its_key_follows_the_data(tiny_llama, tmp_path):
@@ -130,7 +159,9 @@ def test_the_spec_takes_cloq_and_says_what_it_needs(tmp_path):
     assert problems_of(spec_with(tmp_path, method="cloq", calibration={"samples": 16})) == []
     assert any(p.startswith("quantization.iters: 'cloq' alternates") for p in problems_of(spec_with(tmp_path, iters=0)))
     loftq_only = {**spec_with(tmp_path, calibration={"samples": 8}), "sweep": {}}
-    assert any(p.startswith("quantization.calibration: only a calibrated method") for p in problems_of(loftq_only))
+    assert problems_of(loftq_only) == []  # the data then scores the LoftQ base
+    full_precision = {**spec_with(tmp_path, bits=16, calibration={"samples": 8}), "sweep": {}}
+    assert any(p.startswith("quantization.calibration: every trial is bits 16") for p in problems_of(full_precision))
     assert any(p.startswith("quantization.calibration.column: goes with calibration.file")
                for p in problems_of(spec_with(tmp_path, calibration={"column": "text"})))
     assert any(p.startswith("quantization.calibration.samples: expected an integer >= 1")
@@ -157,7 +188,9 @@ def test_the_plan_calibrates_on_the_first_tasks_training_rows(tmp_path):
     spec = build_spec(spec_with(tmp_path, calibration={"samples": 100}), problems)
     plan = make_plan(spec, str(tmp_path / "work"))
     cloq = [b for b in plan.builds if b.method == "cloq"]
-    assert len(cloq) == 1 and all(b.calibration is None for b in plan.builds if b.method == "loftq")
+    loftq = [b for b in plan.builds if b.method == "loftq"]
+    assert len(cloq) == 1 and len(loftq) == 1
+    assert loftq[0].calibration is cloq[0].calibration and not loftq[0].calibrated  # scores it, not in its key
     texts = cloq[0].calibration.texts
     assert len(texts) == 30 and texts[0].startswith("what is ") and " #### " in texts[0]  # 25% held out
     assert {t.method for t in plan.trials} == {"loftq", "cloq"} and any(t.id.endswith("cloq-r4-lr0.0002")
@@ -193,6 +226,13 @@ def test_loftune_quantize_builds_a_cloq_base_and_names_a_missing_file(tmp_path):
     bad = loftune(*common, "--calibration-file", str(data), "--calibration-column", "line",
                   "--calibration-damping", "0", cache=cache)
     assert bad.returncode == 2 and "--calibration-damping: expected a number > 0 (default 1), got 0" in bad.stderr
+    loftq = [a if a != "cloq" else "loftq" for a in common]
+    no_file = loftune(*loftq, "--calibration-samples", "4", cache=cache)
+    assert no_file.returncode == 2 and "--calibration-file: the other --calibration-* flags need" in no_file.stderr
+    scored = loftune(*loftq, "--calibration-file", str(data), "--calibration-column", "line", "--json", cache=cache)
+    assert scored.returncode == 0, scored.stderr[-2000:]
+    records = BaseCache(cache).show(json.loads(scored.stdout)["key"])["matrices"].values()
+    assert all(0 < r["output_error"] < 1 and 0 < r["weight_error"] < 1 for r in records)
 
 
 @pytest.mark.slow
