@@ -5,6 +5,7 @@
     python -m bench.bench_fidelity_llm --rows loftq-nf2,cloq-nf2 --steps 300   # two rows
     python -m bench.bench_fidelity_llm --rows bf16 --lr 1e-3                   # no selection phase: a given lr
     python -m bench.bench_fidelity_llm --out runs/fidelity-llm --table         # the tables of a (partial) run
+    python -m bench.bench_fidelity_llm --out runs/a,runs/b --table             # rows run side by side, merged
 
 Two phases per row, each one job spec run by `loftune run` into `<out>/<phase>-<row>` (a rerun resumes: finished
 trials are kept, bases are cache hits):
@@ -48,7 +49,11 @@ ROWS = {
 }
 # (row, baseline) pairs whose per-seed differences the table reports
 PAIRS = [("loftq-nf2", "qlora-nf2"), ("cloq-nf2", "loftq-nf2"), ("cloq-nf2", "qlora-nf2"), ("loftq-nf4", "qlora-nf4"),
-         ("cloq-nf4", "loftq-nf4"), ("qalora-loftq-int2", "qalora-int2"), ("qalora-cloq-int2", "qalora-loftq-int2")]
+         ("cloq-nf4", "loftq-nf4"), ("qalora-loftq-int2", "qalora-int2"), ("qalora-cloq-int2", "qalora-loftq-int2"),
+         ("qlora-nf4", "bf16"), ("loftq-nf4", "bf16"), ("cloq-nf4", "bf16"), ("cloq-nf2", "bf16")]
+# (row, the QLoRA row of its bit width): how much of QLoRA's gap to the bf16 control the row closes
+GAPS = [("loftq-nf2", "qlora-nf2"), ("cloq-nf2", "qlora-nf2"), ("loftq-nf2-mixed4", "qlora-nf2"),
+        ("loftq-nf4", "qlora-nf4"), ("cloq-nf4", "qlora-nf4")]
 
 
 def job_spec(row: str, phase: str, args: argparse.Namespace, lr: float | None) -> dict:
@@ -129,7 +134,28 @@ def table(results: dict[str, dict]) -> str:
             em = [[100 * t["value"] for t in results[name]["test"]] for name in (row, base)]
             loss = [[t.get("eval_loss") or float("nan") for t in results[name]["test"]] for name in (row, base)]
             lines.append(f"{row + ' - ' + base:<40} {paired(*em):>24} {paired(*loss, digits=3):>18}")
-    return "\n".join(lines)
+    return "\n".join(lines + gap_lines(results))
+
+
+def gap_lines(results: dict[str, dict]) -> list[str]:
+    """The share of the gap between a QLoRA row and the bf16 control that a row closes, on the means:
+    (row - qlora) / (bf16 - qlora), in exact match and in answer loss."""
+    if "bf16" not in results:
+        return []
+
+    def means(name: str) -> tuple[float, float]:
+        tests = results[name]["test"]
+        return (statistics.fmean(100 * t["value"] for t in tests),
+                statistics.fmean(t.get("eval_loss") or float("nan") for t in tests))
+
+    lines = ["", f"{'share of the QLoRA -> bf16 gap closed':<40} {'exact match':>24} {'answer loss':>18}"]
+    full = means("bf16")
+    for row, qlora in GAPS:
+        if row in results and qlora in results:
+            mine, base = means(row), means(qlora)
+            shares = [(m - b) / (f - b) if f != b else float("nan") for m, b, f in zip(mine, base, full, strict=True)]
+            lines.append(f"{row + ' (of ' + qlora + ')':<40} {shares[0]:>24.2f} {shares[1]:>18.2f}")
+    return lines
 
 
 def main() -> None:
@@ -150,11 +176,14 @@ def main() -> None:
     parser.add_argument("--out", default="runs/fidelity-llm")
     parser.add_argument("--table", action="store_true", help="only print the tables of what has run")
     args = parser.parse_args()
-    results_file = os.path.join(args.out, "results.json")
+    if "," in args.out and not args.table:
+        raise SystemExit("--out: several folders (comma-separated) only go with --table, which merges their rows")
     results = {}
-    if os.path.exists(results_file):
-        with open(results_file) as f:
-            results = json.load(f)
+    for out in args.out.split(","):  # rows run side by side in separate folders, merged for the tables
+        if os.path.exists(os.path.join(out, "results.json")):
+            with open(os.path.join(out, "results.json")) as f:
+                results.update(json.load(f))
+    results_file = os.path.join(args.out, "results.json")
     if not args.table:
         for row in args.rows.split(","):
             if row not in ROWS:

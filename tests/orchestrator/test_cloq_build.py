@@ -242,6 +242,10 @@ def test_a_run_sweeps_loftq_beside_cloq(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = json.loads(proc.stdout)["leaderboard"]
     assert sorted(r["method"] for r in rows) == ["cloq", "loftq"] and all(r["status"] == "done" for r in rows)
+    cache = BaseCache(str(tmp_path / "cache"))
+    for row in rows:  # both bases are scored on the same calibration inputs, in the same norm
+        matrices = cache.show(row["base"])["matrices"].values()
+        assert all(0 < m["output_error"] < 1 for m in matrices), row["method"]
 
 
 def test_qalora_cloq_builds_pooled_factors_that_train_as_qalora(tiny_llama, tmp_path):
