@@ -76,7 +76,7 @@ def job_spec(row: str, phase: str, args: argparse.Namespace, lr: float | None) -
         sweep["num_samples"] = args.seeds
     training = {"zero_stage": 2, "precision": "bf16", "micro_batch_size": args.batch, "max_steps": args.steps,
                 "lr": lr or args.lrs[0], "warmup_steps": max(1, args.steps // 15), "eval_every": args.steps,
-                "checkpoint_every": args.steps, "report_every": 10}
+                "checkpoint_every": args.checkpoint_every or args.steps, "report_every": 10}
     spec = {"name": f"{phase}-{row}", "model": "smollm2-135m", "quantization": quant, "cache": {"uri": args.cache},
             "tasks": [task], "training": training, "adapter": {"alpha": 2 * args.rank}, "sweep": sweep,
             "resources": {"workers_per_trial": 1, "cpus_per_worker": 1}}
@@ -172,6 +172,8 @@ def main() -> None:
     parser.add_argument("--test", type=int, default=500, help="test problems scored")
     parser.add_argument("--concurrent", type=int, default=None, help="trials at once per phase (default: as many "
                                                                      "as the CPUs fit; 1 lets rows run side by side)")
+    parser.add_argument("--checkpoint-every", type=int, default=None, help="steps between a trial's checkpoints "
+                        "(default: only at the end, as the recorded runs did; smaller lets a killed trial resume)")
     parser.add_argument("--cache", default=os.path.expanduser("~/.cache/loftune-bench/fidelity-llm"))
     parser.add_argument("--out", default="runs/fidelity-llm")
     parser.add_argument("--table", action="store_true", help="only print the tables of what has run")
