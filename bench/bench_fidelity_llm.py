@@ -99,6 +99,23 @@ def run_phase(row: str, phase: str, args: argparse.Namespace, lr: float | None =
     return json.loads(proc.stdout)["leaderboard"]
 
 
+def unfinished_rows(out: str) -> dict[str, dict]:
+    """Rows whose test phase has not finished (stopped, or still running): the seeds done so far, read through
+    `loftune results`, marked 'partial'."""
+    loftune = os.path.join(os.path.dirname(sys.executable), "loftune")
+    rows = {}
+    for row in ROWS:
+        run_dir = os.path.join(out, f"test-{row}")
+        if not os.path.isdir(run_dir):
+            continue
+        proc = subprocess.run([loftune, "results", run_dir, "--json"], capture_output=True, text=True)
+        done = [] if proc.returncode else [t for t in json.loads(proc.stdout)["leaderboard"] if t["status"] == "done"]
+        if done:
+            swept = os.path.isdir(os.path.join(out, f"select-{row}"))
+            rows[row] = {"lr": done[0]["lr"], "lr_chosen_by": "partial-sweep" if swept else "partial", "test": done}
+    return rows
+
+
 def chosen_lr(rows: list[dict]) -> float:
     """The learning rate of the best validation trial (exact match, then the lower eval loss)."""
     best = max(rows, key=lambda r: (r.get("value") or 0.0, -(r.get("eval_loss") or float("inf"))))
@@ -124,15 +141,21 @@ def table(results: dict[str, dict]) -> str:
         em = [100 * t["value"] for t in r["test"]]
         ppl = [t.get("eval_perplexity") or float("nan") for t in r["test"]]
         spread = f"{statistics.stdev(em):.2f}" if len(em) > 1 else "-"
-        given = " (given)" if r.get("lr_chosen_by") == "given" else ""
+        given = {"given": " (given)", "partial": " (given; test phase unfinished)",
+                 "partial-sweep": " (test phase unfinished)"}.get(r.get("lr_chosen_by"), "")
         loss = statistics.fmean(t.get("eval_loss") or float("nan") for t in r["test"])
         lines.append(f"{row:<20} {r['lr']:>8.0e} {len(em):>5} {statistics.fmean(em):>8.2f} +- {spread:<4} "
                      f"{loss:>11.3f} {statistics.fmean(ppl):>11.3f}{given}")
-    lines += ["", f"{'paired by seed':<40} {'d exact match (points)':>24} {'d answer loss':>18}"]
+    lines += ["", f"{'paired by seed (the seeds both rows have)':<40} {'d exact match (points)':>24} "
+                  f"{'d answer loss':>18}"]
     for row, base in PAIRS:
         if row in results and base in results:
-            em = [[100 * t["value"] for t in results[name]["test"]] for name in (row, base)]
-            loss = [[t.get("eval_loss") or float("nan") for t in results[name]["test"]] for name in (row, base)]
+            common = {seed_of(t) for t in results[row]["test"]} & {seed_of(t) for t in results[base]["test"]}
+            if not common:
+                continue
+            tests = [[t for t in results[name]["test"] if seed_of(t) in common] for name in (row, base)]
+            em = [[100 * t["value"] for t in trials] for trials in tests]
+            loss = [[t.get("eval_loss") or float("nan") for t in trials] for trials in tests]
             lines.append(f"{row + ' - ' + base:<40} {paired(*em):>24} {paired(*loss, digits=3):>18}")
     return "\n".join(lines + gap_lines(results))
 
@@ -185,6 +208,8 @@ def main() -> None:
         if os.path.exists(os.path.join(out, "results.json")):
             with open(os.path.join(out, "results.json")) as f:
                 results.update(json.load(f))
+        if args.table:
+            results.update({row: r for row, r in unfinished_rows(out).items() if row not in results})
     results_file = os.path.join(args.out, "results.json")
     if not args.table:
         for row in args.rows.split(","):
