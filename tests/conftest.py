@@ -72,6 +72,24 @@ def ray_session():
 S3_BUCKET = "loftune-test"
 
 
+def kill_own_process(name: str) -> int | None:
+    """SIGKILL the first descendant of this process whose command line holds `name` (a Ray worker of the Ray
+    this test started: another Ray on the machine, e.g. a benchmark's, must not lose a worker); its pid, or None."""
+    import signal
+
+    import psutil
+
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            cmdline = proc.cmdline()
+        except psutil.Error:  # exited meanwhile
+            continue
+        if any(name in part for part in cmdline):
+            os.kill(proc.pid, signal.SIGKILL)
+            return proc.pid
+    return None
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now."""
     with socket.socket() as s:

@@ -111,14 +111,17 @@ class MatrixWorker:
 def final_errors(weight: torch.Tensor, res: LoftQResult, gram: torch.Tensor, job: MatrixJob) -> tuple[float, float]:
     """(weight error, output error) of the stored Q + BA (Q alone without factors), relative: the output error
     in the norm of workers/cloq.py, ||E R^T|| with R^T R = X^T X + the job's damping, so every method's entry
-    is scored alike."""
+    is scored alike. A calibrated method has already measured it (its best iterate's error, the one stored): no
+    second Cholesky factor."""
     approx = dequantize(res.quantized).float()
     if job.iters > 0:  # QLoRA stores no factors: it starts from Q
         approx = approx + adapter_delta(res.lora_A, res.lora_B, res.scale, adapter_for(job.method),
                                         job.spec.group_size)
     w = weight.float()
-    step = WeightedStep(gram, 1, DAMPING if job.damping is None else job.damping)
     weight_error = (torch.linalg.vector_norm(w - approx) / torch.linalg.vector_norm(w)).item()
+    if job.method in CALIBRATED_METHODS:
+        return weight_error, min(res.errors)
+    step = WeightedStep(gram, 1, DAMPING if job.damping is None else job.damping)
     return weight_error, step.norm(w - approx) / (step.norm(w) or 1.0)
 
 

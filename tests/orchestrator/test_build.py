@@ -5,15 +5,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import threading
 from pathlib import Path
 
-import psutil
 import pytest
 import torch
 import transformers
-from conftest import dequantized_state_dict
+from conftest import dequantized_state_dict, kill_own_process
 
 from orchestrator.build import BuildInputError, BuildRequest, describe_entry, ensure_base
 from orchestrator.cache import BaseCache
@@ -87,11 +85,8 @@ def test_killed_actor_gives_an_identical_entry(tmp_path, tiny_llama):
 
     def kill_one_actor(done: int, total: int) -> None:
         if done == 2 and not killed:
-            for proc in psutil.Process().children(recursive=True):  # this test's Ray only, not another's
-                if any("MatrixWorker" in part for part in _cmdline(proc)):
-                    os.kill(proc.pid, signal.SIGKILL)
-                    killed.append(proc.pid)
-                    return
+            if (pid := kill_own_process("MatrixWorker")) is not None:
+                killed.append(pid)
 
     faulted = ensure_base(req, BaseCache(str(tmp_path / "faulted")), actors=2, progress=False,
                           on_progress=kill_one_actor)
@@ -260,10 +255,3 @@ def test_model_without_a_tokenizer_stores_none(tmp_path):
     assert entry_tokenizer_files(cache, built.name) == {}
     assert [p.rsplit("/", 1)[-1] for p in built.manifest["files"] if p.endswith(".json")] == ["config.json"]
 
-
-def _cmdline(proc) -> list[str]:
-    """A process's arguments, or none for one that has exited meanwhile."""
-    try:
-        return proc.cmdline()
-    except psutil.Error:
-        return []

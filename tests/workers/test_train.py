@@ -7,12 +7,11 @@ import glob
 import json
 import math
 import os
-import signal
 import threading
 import time
 
-import psutil
 import pytest
+from conftest import kill_own_process
 from safetensors.torch import load_file
 
 from orchestrator.build import BuildRequest, ensure_base
@@ -71,13 +70,9 @@ def test_killed_worker_resumes_from_its_checkpoint(minilm_base, tmp_path):
         deadline = time.time() + 300
         while time.time() < deadline and not killed:
             if len(glob.glob(str(tmp_path / "resume" / "checkpoint_*"))) >= 2:
-                # only this test's workers: Ray was started by this process, so they descend from it (another
-                # Ray on the machine, e.g. a benchmark's, must not lose a worker to this test)
-                for proc in psutil.Process().children(recursive=True):
-                    if any("RayTrainWorker" in part for part in _cmdline(proc)):
-                        os.kill(proc.pid, signal.SIGKILL)
-                        killed.append(proc.pid)
-                        return
+                if (pid := kill_own_process("RayTrainWorker")) is not None:
+                    killed.append(pid)
+                    return
             time.sleep(0.2)
 
     killer = threading.Thread(target=kill_after_a_registered_checkpoint, daemon=True)
@@ -221,10 +216,3 @@ def test_resume_from_the_final_checkpoint_reports_what_the_run_finished_with(bf1
     assert again.metrics["eval_accuracy"] == result.metrics["eval_accuracy"]
     assert again.metrics["loss"] == result.metrics["loss"]
 
-
-def _cmdline(proc) -> list[str]:
-    """A process's arguments, or none for one that has exited meanwhile."""
-    try:
-        return proc.cmdline()
-    except psutil.Error:
-        return []
